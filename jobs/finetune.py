@@ -1,0 +1,732 @@
+"""`kind: finetune`: fine-tune a task's model on Ray Train and write a folder that `kind: inference` loads.
+
+    driver   read train (+ eval) rows with `pipeline.sources.read_table`; check texts and labels; split
+             eval off `input` (seeded) unless `train.eval_input` is given      ← every data error is here,
+             check the output location                                           before Ray starts
+          → ray.data.from_arrow(train), ray.data.from_arrow(eval)
+          → TorchTrainer(ScalingConfig(num_workers, use_gpu)), each worker:
+               builds the task's `Trainable`, `prepare_model` (DDP: gloo on CPU, NCCL on GPU)
+               per epoch: its `get_dataset_shard("train")` → encode → AdamW step, linear warmup + decay
+                          eval rows with `row % world_size == rank` → loss / accuracy sums, all-reduced
+                          rank 0: checkpoint (HF folder + optimizer state) → `ray.train.report`
+          → driver: last checkpoint → output folder (staged, then moved in), train_metrics.json, `_SUCCESS`
+
+Task hooks. The loop is task-agnostic; what it needs from a task is reached through the task object:
+
+    class FineTunable(Protocol):           # the registered task, e.g. models.text_classification
+        def training(self, base_dir, *, label_names, max_length) -> Trainable: ...
+
+    class Trainable(Protocol):             # built inside each worker
+        def build_model(self, weights_dir) -> torch.nn.Module   # base or checkpoint, head sized to labels
+        def encode(self, columns, labels) -> dict[str, Tensor]  # model(**batch) gives .loss and .logits
+        def save(self, model, out_dir) -> None                  # standard HF folder
+
+`columns` maps task input names (`text`, `text_pair`) to lists of values; `labels` are class ids (indexes
+into `label_names`). Accuracy is `argmax(logits, -1) == labels` over the positions where labels != -100,
+so a token-classification task can plug in with per-token labels. A task without `training` is refused
+with a SpecError naming the tasks that have it.
+
+Labels. `train.label_names` lists the classes in id order. When it is null they are the sorted distinct
+labels of the train and eval rows. String labels must be one of the names; integer labels are ids into
+`label_names` (the `datasets.ClassLabel` convention), or, with no names, are named by their value. A null
+label or one outside the names fails the job before training, naming the column and the values.
+
+Batches. `train.batch_size` is the global batch (all workers, one optimizer step): each worker takes
+`batch_size // num_workers` rows, so changing `num_workers` scales the job without changing the
+optimization. Ray Data's `streaming_split(equal=True)` gives every worker the same number of rows, hence
+the same number of DDP steps (a worker with one step more would wait forever in all-reduce); it may drop
+up to `num_workers - 1` rows per epoch.
+
+Output modes (`output.mode`). The output is a model folder, not shards, so:
+- `resume` (default): refuse if a finished model (`_SUCCESS`) is there; otherwise continue an interrupted
+  run of the same job from its last epoch checkpoint (Ray Train restores it when the run name and storage
+  match; the run name carries a fingerprint of data, model and training settings, so a changed job starts
+  from scratch instead of resuming someone else's state).
+- `overwrite`: delete whatever is at `output.uri` first (checkpoints included) and train from scratch.
+- `error-if-exists`: refuse if `output.uri` has any content.
+Checkpoints go to `train.checkpoint_uri`, else `<output.uri>/_checkpoints` (removed once the model is
+published; an explicit `checkpoint_uri` is left alone).
+
+Ray Train version: ray 2.60 runs Train V2 unless `RAY_TRAIN_V2_ENABLED=0` (`ray/train/__init__.py`); this
+module uses only APIs both have (`TorchTrainer`, `ScalingConfig`, `RunConfig`, `report`, `get_context`,
+`get_dataset_shard`, `get_checkpoint`). In V2 the controller actor takes no CPU (`num_cpus=0`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import posixpath
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pyarrow as pa
+
+from pipeline.commit import SUCCESS, OutputDir
+from pipeline.errors import JobFailed, OutputError, ShardwiseError, SourceError, SpecError
+from pipeline.execute import init_ray
+from pipeline.sources import input_schema, list_fragments, read_table
+from pipeline.spec import FinetuneSpec, InputSpec, JobSpec, spec_to_dict
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FineTunable", "FinetuneResult", "Trainable", "resolve_labels", "run_finetune"]
+
+METRICS_FILE = "train_metrics.json"
+CHECKPOINTS = "_checkpoints"
+# In a checkpoint next to the HF files; never copied to the published model.
+_TRAIN_STATE = "train_state.pt"
+# Columns of the Ray datasets besides the task inputs (the `__` prefix keeps them apart from input names).
+_LABEL = "__label"
+_ROW = "__row"
+# Ray Data blocks per worker for the training set: several blocks let streaming_split balance the workers
+# block by block instead of slicing one big block; more would only add per-block overhead.
+_BLOCKS_PER_WORKER = 4
+# Same default as the HF Trainer (`max_grad_norm`): keeps the first steps on a fresh head from blowing up.
+_MAX_GRAD_NORM = 1.0
+# Values of a bad label column quoted in an error message: enough to recognise the problem.
+_QUOTE = 5
+
+
+class Trainable(Protocol):
+    """The task-specific pieces of fine-tuning, built inside each Ray Train worker."""
+
+    def build_model(self, weights_dir: str) -> torch.nn.Module: ...
+
+    def encode(self, columns: Mapping[str, list[Any]], labels: list[int]) -> dict[str, torch.Tensor]: ...
+
+    def save(self, model: torch.nn.Module, out_dir: str) -> None: ...
+
+
+class FineTunable(Protocol):
+    """A registered task that can be fine-tuned."""
+
+    def training(self, base_dir: str, *, label_names: tuple[str, ...], max_length: int) -> Trainable: ...
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    output_uri: str
+    epochs: int
+    train_rows: int
+    eval_rows: int
+    label_names: tuple[str, ...]
+    # One entry per epoch: {epoch, train_loss, eval_loss, eval_accuracy, epoch_s}; eval_* are None when
+    # there is no eval set.
+    metrics: list[dict[str, Any]] = field(repr=False)
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class _LoopConfig:
+    """What every worker needs; small (the rows travel as Ray datasets, not in here)."""
+
+    task: str
+    base_model: str
+    input_names: tuple[str, ...]
+    label_names: tuple[str, ...]
+    train: FinetuneSpec
+    train_rows: int
+    has_eval: bool
+    threads: int
+
+
+# -------------------------------------------------------------------------------------------------------
+# Labels and data (driver)
+
+
+def resolve_labels(values: pa.ChunkedArray | pa.Array, *, label_names: tuple[str, ...] | None, column: str,
+                   row_ids: Sequence[str]) -> tuple[tuple[str, ...], list[int]]:
+    """(label names in id order, the id of every row); raises SpecError naming the column and the values."""
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    if not (pa.types.is_integer(values.type) or pa.types.is_string(values.type)
+            or pa.types.is_large_string(values.type) or pa.types.is_null(values.type)):
+        raise SpecError(
+            "train.label_column",
+            f"column {column!r} has type {values.type}; labels must be strings (class names) or integers "
+            "(class ids). Point train.label_column at the label column or convert it",
+        )
+    labels = values.to_pylist()
+    nulls = [row_ids[i] for i, v in enumerate(labels) if v is None]
+    if nulls:
+        raise SpecError(
+            "train.label_column",
+            f"column {column!r} has {len(nulls)} null label(s) (row ids {nulls[:_QUOTE]}); every training "
+            "and eval row needs a label. Drop or fill those rows, or point train.label_column at another column",
+        )
+    is_int = pa.types.is_integer(values.type)
+    if label_names is not None:
+        if len(set(label_names)) != len(label_names):
+            dupes = sorted({n for n in label_names if label_names.count(n) > 1})
+            raise SpecError("train.label_names", f"names must be distinct, {dupes} appear more than once")
+        names = label_names
+        if is_int:
+            ok = set(range(len(names)))
+            bad = _counts(v for v in labels if v not in ok)
+            if bad:
+                raise SpecError(
+                    "train.label_names",
+                    f"column {column!r} holds integer labels, which are ids into train.label_names "
+                    f"(0..{len(names) - 1} for {list(names)}), but has {bad}. Fix the labels, list a name "
+                    "for every id, or leave train.label_names unset to name the classes by their values",
+                )
+            return names, [int(v) for v in labels]
+        index = {name: i for i, name in enumerate(names)}
+        bad = _counts(v for v in labels if v not in index)
+        if bad:
+            raise SpecError(
+                "train.label_names",
+                f"column {column!r} has labels that are not in train.label_names {list(names)}: {bad}. Fix "
+                "the data, add those names to train.label_names, or leave it unset to use the sorted "
+                "distinct labels of the data",
+            )
+        return names, [index[v] for v in labels]
+    distinct = sorted(set(labels))
+    if len(distinct) < 2:
+        raise SpecError(
+            "train.label_column",
+            f"column {column!r} has {len(distinct)} distinct label(s) {distinct}; a classifier needs at "
+            "least 2. Check train.label_column, or set train.label_names to list every class",
+        )
+    index = {v: i for i, v in enumerate(distinct)}
+    return tuple(str(v) for v in distinct), [index[v] for v in labels]
+
+
+def _counts(values: Any) -> str:
+    """`'posit' (3 rows), 7 (1 row)`: the first few bad values, each with its number of rows."""
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    items = sorted(counts.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{v!r} ({n} row{'s' if n > 1 else ''})" for v, n in items[:_QUOTE])
+    return text + (f" and {len(items) - _QUOTE} more" if len(items) > _QUOTE else "")
+
+
+def _check_texts(table: pa.Table, inputs: Mapping[str, str], *, what: str) -> None:
+    for name, col in inputs.items():
+        column = table.column(col)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+                or pa.types.is_null(column.type)):
+            raise SpecError(f"stages[0].inputs.{name}",
+                            f"column {col!r} of {what} has type {column.type}; input {name!r} must be text")
+        if column.null_count:
+            ids = table.column("__id").filter(pa.compute.is_null(column)).to_pylist()
+            raise SpecError(
+                f"stages[0].inputs.{name}",
+                f"column {col!r} of {what} has {column.null_count} null value(s) (row ids {ids[:_QUOTE]}); "
+                "training rows need text. Drop or fill those rows",
+            )
+
+
+def _read_rows(spec: InputSpec, columns: Mapping[str, str], *, limit: int | None) -> pa.Table:
+    """The input's columns (keys of `columns`, whose values are the spec keys that name them) plus `__id`;
+    a missing column is a SpecError naming its key, unparsable rows a SourceError."""
+    fragments = list_fragments(spec)
+    if spec.resolved_format() != "jsonl":  # jsonl has no schema up front; read_range checks the parsed keys
+        names = input_schema(spec, fragments[0]).names
+        for col, key in columns.items():
+            if col not in names:
+                raise SpecError(key, f"column {col!r} is not in {spec.uri!r}; its columns: {names}")
+    table = read_table(spec, columns=list(columns), limit=limit)
+    broken = table.column("__read_error").drop_null().to_pylist()
+    if broken:
+        raise SourceError(
+            f"{len(broken)} row(s) of {spec.uri!r} could not be parsed (e.g. {broken[0]}); training needs every "
+            "row. Fix or remove those lines"
+        )
+    return table
+
+
+@dataclass(frozen=True)
+class _Data:
+    train: pa.Table  # task input names + __label
+    eval: pa.Table | None  # the same + __row
+    label_names: tuple[str, ...]
+    listing: list[Any]  # what identifies the data, for the run fingerprint
+
+
+def _prepare_data(spec: JobSpec) -> _Data:
+    """Read, check and split the rows. Everything here runs before Ray starts."""
+    import numpy as np
+
+    t = spec.train
+    assert t is not None
+    inputs = spec.stage.inputs
+    columns = {col: f"stages[0].inputs.{name}" for name, col in inputs.items()}
+    columns.setdefault(t.label_column, "train.label_column")
+    if spec.input.id_column:  # read_range builds row ids (used in error messages) from it
+        columns.setdefault(spec.input.id_column, "input.id_column")
+    split = t.eval_input is None and t.eval_fraction > 0
+    limit = None
+    if t.max_train_rows is not None:
+        # Read only what the cap needs: with a split, enough rows that the train part still reaches it.
+        limit = math.ceil(t.max_train_rows / (1 - t.eval_fraction)) + 1 if split else t.max_train_rows
+    table = _read_rows(spec.input, columns, limit=limit)
+    _check_texts(table, inputs, what=spec.input.uri)
+    eval_table = None
+    if t.eval_input is not None:
+        eval_table = _read_rows(t.eval_input, columns, limit=None)
+        _check_texts(eval_table, inputs, what=t.eval_input.uri)
+    if table.num_rows == 0:
+        raise SourceError(f"input.uri {spec.input.uri!r} has no rows to train on")
+
+    both = table if eval_table is None else pa.concat_tables([table, eval_table], promote_options="permissive")
+    names, ids = resolve_labels(both.column(t.label_column), label_names=t.label_names, column=t.label_column,
+                                row_ids=both.column("__id").to_pylist())
+    label_ids = pa.array(ids, pa.int64())
+
+    def task_columns(rows: pa.Table, labels: pa.Array) -> pa.Table:
+        return pa.table({**{name: rows.column(col) for name, col in inputs.items()}, _LABEL: labels})
+
+    rng = np.random.default_rng(t.seed)
+    train = task_columns(table, label_ids[: table.num_rows])
+    if eval_table is not None:
+        evaluation: pa.Table | None = task_columns(eval_table, label_ids[table.num_rows:])
+    elif split:
+        order = rng.permutation(table.num_rows)
+        n_eval = max(1, round(table.num_rows * t.eval_fraction))
+        if n_eval >= table.num_rows:
+            raise SpecError("train.eval_fraction", f"leaves no training rows out of {table.num_rows}; lower it")
+        evaluation, train = train.take(np.sort(order[:n_eval])), train.take(order[n_eval:])
+    else:
+        evaluation = None
+    # Shuffled once here (seeded) so that label-sorted inputs do not reach the workers in long runs of one
+    # class; each epoch adds a local shuffle on top.
+    train = train.take(rng.permutation(train.num_rows))
+    if t.max_train_rows is not None:
+        train = train.slice(0, t.max_train_rows)
+    if evaluation is not None:
+        evaluation = evaluation.append_column(_ROW, pa.array(np.arange(evaluation.num_rows), pa.int64()))
+    listing = [[f.rel, f.size, f.version] for f in list_fragments(spec.input)]
+    if t.eval_input is not None:
+        listing.append([[f.rel, f.size, f.version] for f in list_fragments(t.eval_input)])
+    return _Data(train, evaluation, names, listing)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Output location (driver)
+
+
+def _prepare_output(spec: JobSpec, out: OutputDir) -> None:
+    mode = spec.output.mode
+    if mode == "overwrite":
+        if out.exists():
+            out.fs.rm(out.root, recursive=True)
+        return
+    if mode == "error-if-exists" and out.has_content():
+        raise OutputError(
+            f"output.uri {spec.output.uri!r} already has content and output.mode is 'error-if-exists'; choose "
+            "another output.uri, or set output.mode to 'overwrite' to train again from scratch"
+        )
+    if out.exists(SUCCESS):
+        raise OutputError(
+            f"output.uri {spec.output.uri!r} already holds a finished fine-tuned model (_SUCCESS is there); "
+            "use it as an inference `model`, or set output.mode to 'overwrite' (or pass --overwrite) to "
+            "train again, or write to another output.uri"
+        )
+
+
+def _storage(uri: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for RunConfig: any fsspec URI, through pyarrow's fsspec bridge."""
+    if "://" not in uri or uri.startswith("file://"):
+        # Absolute: Ray Train workers run in their own working directory.
+        return str(Path(uri.removeprefix("file://")).expanduser().resolve()), None
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, root = fsspec.core.url_to_fs(uri, **storage_options)
+    return root, PyFileSystem(FSSpecHandler(fs))
+
+
+def _publish(checkpoint: Any, out: OutputDir, *, metrics: dict[str, Any]) -> None:
+    """Copy the final checkpoint's model files into the output folder; `_SUCCESS` last.
+
+    The files are staged first (a hidden folder inside the output on local disks, so each file is then one
+    rename; a local temp folder for object stores, then one PUT per file): readers never see a partial
+    file, and `_SUCCESS` says the folder is complete.
+    """
+    out.clear_success()
+    local = out._is_local()
+    if local:
+        out.fs.makedirs(out.root, exist_ok=True)
+    stage = out.path(f".staging-{uuid.uuid4().hex[:8]}") if local else tempfile.mkdtemp(prefix="shardwise-model-")
+    try:
+        checkpoint.to_directory(stage)
+        Path(stage, _TRAIN_STATE).unlink(missing_ok=True)
+        Path(stage, METRICS_FILE).write_text(json.dumps(metrics, indent=1, sort_keys=True, default=str))
+        for path in sorted(Path(stage).rglob("*")):
+            if not path.is_file():
+                continue
+            rel = path.relative_to(stage).as_posix()
+            if local:
+                os.makedirs(posixpath.dirname(out.path(rel)), exist_ok=True)
+                os.replace(path, out.path(rel))
+            else:
+                out.fs.put_file(str(path), out.path(rel))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    out.write_success()
+
+
+# -------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def _fingerprint(spec: JobSpec, data: _Data, model_id: Any) -> str:
+    """Identifies a training run for resume: data, base model, task, labels and the settings that change the
+    result. Scaling (num_workers, use_gpu) and where checkpoints go are left out: a run may resume on another
+    cluster shape."""
+    assert spec.train is not None
+    train = {k: v for k, v in spec_to_dict(spec.train).items() if k not in ("num_workers", "use_gpu", "checkpoint_uri")}
+    parts = {
+        "task": spec.stage.task,
+        "inputs": spec.stage.inputs,
+        "model": model_id,
+        "input": spec_to_dict(spec.input),
+        "data": data.listing,
+        "labels": data.label_names,
+        "train": train,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _run_name(spec: JobSpec, fp: str) -> str:
+    slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in spec.name)[:40]
+    return f"{slug}-{fp[:12]}"
+
+
+def _embedded_cpus(num_workers: int) -> int:
+    """Logical CPUs for the embedded cluster. Each Train worker reserves 1 CPU, and Ray Train waits (without
+    end) until all of them fit; the V2 controller and Ray Data's split coordinator take none. One CPU on top
+    lets any Ray Data task (a read, a repartition) run beside the workers: without it a task the workers
+    wait on could never be scheduled. Logical CPUs may exceed the cores (torch threads are set per worker)."""
+    return max(os.cpu_count() or 1, num_workers + 1)
+
+
+def _check_cluster(t: FinetuneSpec) -> None:
+    """Fail now, not hang in placement, when the cluster cannot hold the workers (e.g. a reused small one)."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = {"CPU": t.num_workers, **({"GPU": t.num_workers} if t.use_gpu else {})}
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
+    if short:
+        what = ", ".join(f"{need_} {k} (the cluster has {int(got)})" for k, (need_, got) in short.items())
+        raise SpecError(
+            "train.num_workers",
+            f"{t.num_workers} worker(s) need {what}; Ray Train would wait forever for them. Lower "
+            "train.num_workers" + (", set train.use_gpu: false" if "GPU" in short else "")
+            + " or run on a larger cluster (--address)",
+        )
+
+
+def run_finetune(spec: JobSpec, *, address: str | None = None, progress: bool = True) -> FinetuneResult:
+    """Fine-tune `spec.stage.model` on `spec.input` and publish the model at `spec.output.uri`."""
+    from models.loading import model_identity, resolve_model
+    from models.registry import available_tasks, get_task
+
+    started = time.time()
+    if spec.kind != "finetune" or spec.train is None:
+        raise SpecError("kind", f"run_finetune runs kind: finetune jobs with a 'train' section; got kind {spec.kind!r}")
+    t = spec.train
+    stage = spec.stage
+    task = get_task(stage.task)
+    if not callable(getattr(task, "training", None)):
+        can = sorted(name for name, tk in available_tasks().items() if callable(getattr(tk, "training", None)))
+        raise SpecError("stages[0].task", f"task {stage.task!r} cannot be fine-tuned yet; tasks that can: {can}")
+
+    out = OutputDir(spec.output.uri, storage_options=spec.output.storage_options)
+    _prepare_output(spec, out)
+    data = _prepare_data(spec)
+    # A local base model becomes an absolute path (workers run in their own directories); a remote one is
+    # fetched by each worker into its node's cache.
+    remote_model = "://" in stage.model and not stage.model.startswith("file://")
+    base = stage.model if remote_model else resolve_model(stage.model, revision=stage.revision)
+    fp = _fingerprint(spec, data, model_identity(stage.model, revision=stage.revision))
+    ckpt_uri = t.checkpoint_uri or posixpath.join(spec.output.uri.rstrip("/"), CHECKPOINTS)
+    storage_path, storage_fs = _storage(ckpt_uri, spec.output.storage_options)
+
+    init_ray(address=address, num_cpus=None if address else _embedded_cpus(t.num_workers))
+    if address is None:
+        _check_cluster(t)
+
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    loop = _LoopConfig(
+        task=stage.task, base_model=base, input_names=tuple(stage.inputs),
+        label_names=data.label_names, train=t, train_rows=data.train.num_rows, has_eval=data.eval is not None,
+        threads=max(1, (os.cpu_count() or 1) // t.num_workers),
+    )
+    datasets = {"train": _dataset(ray, data.train, blocks=t.num_workers * _BLOCKS_PER_WORKER)}
+    if data.eval is not None:
+        datasets["eval"] = _dataset(ray, data.eval, blocks=t.num_workers)
+    board = ray.remote(num_cpus=0)(_Board).remote() if progress else None
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"loop": loop, "board": board},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=_run_name(spec, fp), storage_path=storage_path, storage_filesystem=storage_fs,
+            # The latest checkpoint is all a resume needs; older ones would only take disk.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
+        datasets=datasets,
+        # Only "train" is split; every worker sees all of "eval" and keeps its stride (exact counts).
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    stop = threading.Event()
+    watcher = _watch(board, stop, loop) if board is not None else None
+    try:
+        result = trainer.fit()
+    except ShardwiseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; report the cause in one paragraph
+        cause = _worker_cause(e)
+        if isinstance(cause, ShardwiseError):
+            raise cause from e
+        raise JobFailed(
+            f"fine-tuning failed: {type(cause).__name__}: {cause}. Checkpoints of finished epochs are in "
+            f"{ckpt_uri!r}; rerun the same job to resume from the last one"
+        ) from e
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
+    if result.checkpoint is None:
+        raise JobFailed(f"fine-tuning reported no checkpoint (see the Ray Train logs under {ckpt_uri!r})")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        history = json.loads(Path(ckpt_dir, METRICS_FILE).read_text())["epochs"]
+    wall = time.time() - started
+    metrics = {
+        "task": stage.task,
+        "base_model": stage.model,
+        "label_names": list(data.label_names),
+        "train_rows": data.train.num_rows,
+        "eval_rows": data.eval.num_rows if data.eval is not None else 0,
+        "num_workers": t.num_workers,
+        "use_gpu": t.use_gpu,
+        "train": spec_to_dict(t),
+        "fingerprint": fp,
+        "epochs": history,
+        "wall_s": wall,
+    }
+    _publish(result.checkpoint, out, metrics=metrics)
+    if t.checkpoint_uri is None and out.exists(CHECKPOINTS):
+        out.fs.rm(out.path(CHECKPOINTS), recursive=True)  # the published folder holds the final weights
+    return FinetuneResult(
+        output_uri=spec.output.uri, epochs=len(history), train_rows=metrics["train_rows"],
+        eval_rows=metrics["eval_rows"], label_names=data.label_names, metrics=history, wall_s=wall,
+    )
+
+
+def _dataset(ray: Any, table: pa.Table, *, blocks: int) -> Any:
+    n = max(1, min(blocks, table.num_rows))
+    step = math.ceil(table.num_rows / n)
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
+
+
+def _worker_cause(exc: BaseException) -> BaseException:
+    """The first worker's own exception inside Ray Train's wrappers (WorkerGroupError, RayTaskError)."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = failures[min(failures)]
+    for _ in range(5):  # RayTaskError(cause) → the user exception, a few levels at most
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException) or cause is exc:
+            break
+        exc = cause
+    return exc
+
+
+# -------------------------------------------------------------------------------------------------------
+# Progress: rank 0 posts its step to a tiny actor; a driver thread draws the bar (the driver itself is
+# blocked in `trainer.fit()`, and worker output does not reach the driver console).
+
+
+class _Board:
+    """Holds rank 0's latest progress; a Ray actor with no CPU (`ray.remote(num_cpus=0)(_Board)`)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+
+    def post(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def get(self) -> dict[str, Any]:
+        return self.state
+
+
+def _watch(board: Any, stop: threading.Event, loop: _LoopConfig) -> threading.Thread:
+    def run() -> None:
+        import ray
+        from tqdm import tqdm
+
+        per_worker = max(1, loop.train.batch_size // loop.train.num_workers)
+        steps = math.ceil((loop.train_rows // loop.train.num_workers) / per_worker) * loop.train.epochs
+        bar = tqdm(total=steps, unit="step", file=sys.stderr, dynamic_ncols=True, desc="shardwise finetune")
+        shown: dict[str, Any] = {}
+        try:
+            while not stop.wait(0.5):
+                try:
+                    state = ray.get(board.get.remote(), timeout=5)
+                except Exception:  # noqa: BLE001 - progress must never fail the job
+                    continue
+                if state and state != shown:
+                    bar.n = min(state["step"], steps)
+                    bar.set_postfix({k: v for k, v in state.items() if k != "step"}, refresh=False)
+                    bar.refresh()
+                    shown = state
+        finally:
+            bar.close()
+
+    thread = threading.Thread(target=run, name="shardwise-finetune-progress", daemon=True)
+    thread.start()
+    return thread
+
+
+# -------------------------------------------------------------------------------------------------------
+# The training loop (runs in every Ray Train worker)
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from models.loading import resolve_model
+    from models.registry import get_task
+
+    loop: _LoopConfig = config["loop"]
+    board = config["board"]
+    t = loop.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(loop.threads)  # the node's cores split between its workers
+    torch.manual_seed(t.seed)  # the fresh head starts the same everywhere (DDP also broadcasts rank 0's)
+
+    base_dir = resolve_model(loop.base_model)
+    trainable: Trainable = get_task(loop.task).training(base_dir, label_names=loop.label_names,  # type: ignore[attr-defined]
+                                                         max_length=t.max_length)
+    per_worker = max(1, t.batch_size // world)
+    steps_per_epoch = math.ceil((loop.train_rows // world) / per_worker)  # equal split: same on every rank
+    total_steps = steps_per_epoch * t.epochs
+
+    start_epoch, history, state = 0, [], None
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            model = trainable.build_model(d)
+            history = json.loads(Path(d, METRICS_FILE).read_text())["epochs"]
+            if Path(d, _TRAIN_STATE).exists():
+                state = torch.load(Path(d, _TRAIN_STATE), map_location="cpu", weights_only=True)
+        start_epoch = len(history)
+    else:
+        model = trainable.build_model(base_dir)
+    model = ray.train.torch.prepare_model(model)  # to the worker's device; DDP when world > 1
+    core = model.module if hasattr(model, "module") else model
+    device = ray.train.torch.get_device()
+
+    # No weight decay on biases and norm weights (1-d), as in the HF Trainer and nanoGPT.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=t.lr,
+    )
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if loop.has_eval else None
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, t.epochs):
+        epoch_start = time.time()
+        model.train()
+        sums = torch.zeros(5, dtype=torch.float64)  # train loss·rows, train rows, eval loss·rows, correct, eval n
+        for batch in train_shard.iter_batches(
+            batch_size=per_worker, batch_format="pyarrow", local_shuffle_buffer_size=per_worker * 8,
+            local_shuffle_seed=t.seed * 1_000_003 + epoch * 1_009 + rank,
+        ):
+            columns = {name: batch.column(name).to_pylist() for name in loop.input_names}
+            inputs = trainable.encode(columns, batch.column(_LABEL).to_pylist())
+            inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+            with autocast:
+                loss = model(**inputs).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), _MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            n = batch.num_rows
+            sums[0] += loss.item() * n
+            sums[1] += n
+            step += 1
+            if board is not None and rank == 0:
+                board.post.remote({"step": step, "epoch": f"{epoch + 1}/{t.epochs}", "loss": round(loss.item(), 4)})
+
+        if eval_shard is not None:
+            core.eval()  # the bare module: DDP's forward would sync buffers, and ranks run unequal batches here
+            with torch.inference_mode():
+                for batch in eval_shard.iter_batches(batch_size=per_worker * world, batch_format="pyarrow"):
+                    mine = [i for i, r in enumerate(batch.column(_ROW).to_pylist()) if r % world == rank]
+                    if not mine:
+                        continue
+                    batch = batch.take(mine)
+                    columns = {name: batch.column(name).to_pylist() for name in loop.input_names}
+                    inputs = trainable.encode(columns, batch.column(_LABEL).to_pylist())
+                    inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+                    with autocast:
+                        out = core(**inputs)
+                    labels = inputs["labels"]  # (B,) or (B, T) for per-token tasks; -100 = ignored
+                    keep = labels != -100
+                    correct = (out.logits.argmax(-1) == labels) & keep
+                    sums[2] += out.loss.item() * batch.num_rows
+                    sums[3] += correct.sum().item()
+                    sums[4] += keep.sum().item()
+        if world > 1:
+            import torch.distributed as dist
+
+            # gloo reduces CPU tensors; NCCL needs them on the GPU.
+            reduced = sums.to(device)
+            dist.all_reduce(reduced)
+            sums = reduced.cpu()
+        rows = max(sums[1].item(), 1)
+        eval_rows = int(sums[4].item())
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": sums[0].item() / rows,
+            "eval_loss": sums[2].item() / eval_rows if eval_shard is not None and eval_rows else None,
+            "eval_accuracy": sums[3].item() / eval_rows if eval_shard is not None and eval_rows else None,
+            "epoch_s": time.time() - epoch_start,
+        }
+        history.append(record)
+        metrics = {k: v for k, v in record.items() if v is not None}
+        if rank == 0:
+            with tempfile.TemporaryDirectory(prefix="shardwise-ckpt-") as tmp:
+                trainable.save(core, tmp)
+                Path(tmp, METRICS_FILE).write_text(json.dumps({"epochs": history}, indent=1))
+                if epoch + 1 < t.epochs:  # optimizer state only matters to a run that continues
+                    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                               Path(tmp, _TRAIN_STATE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)

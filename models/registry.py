@@ -1,0 +1,150 @@
+"""Task registry: `@register_task("text-classification")` on a class that follows `Task`.
+
+Adding a task touches no engine file: write `models/<task>.py`, decorate its class, list the module in
+`_TASK_MODULES`. Registering a name twice is an error; an unknown name lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from pipeline.errors import SpecError
+
+__all__ = [
+    "Postprocessor",
+    "Preprocessor",
+    "RowError",
+    "Runner",
+    "Task",
+    "available_tasks",
+    "check_inputs",
+    "get_task",
+    "parse_params_dataclass",
+    "register_task",
+]
+
+# Modules imported on first lookup; each registers its task(s). Kept as strings so importing the registry
+# stays light (no torch, no transformers).
+_TASK_MODULES = ("models.text_classification",)
+
+_TASKS: dict[str, Task] = {}
+_loaded = False
+
+
+class RowError(typing.NamedTuple):
+    """A per-row failure: becomes one record in `_errors/`."""
+
+    error_type: str
+    message: str
+
+
+class Preprocessor(Protocol):
+    """CPU side, in Ray tasks: raw input columns → numpy features per row (or a RowError)."""
+
+    def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]: ...
+
+
+class Runner(Protocol):
+    """Replica side (GPU-resident): features → raw outputs. Only padding and forward belong here."""
+
+    def length(self, features: Mapping[str, Any]) -> int: ...
+
+    def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]: ...
+
+
+class Postprocessor(Protocol):
+    """CPU side: raw outputs (+ the row's inputs and features) → output fields following `output_schema`."""
+
+    def __call__(self, output: Mapping[str, Any], *, inputs: Mapping[str, Any],
+                 features: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+class Task(Protocol):
+    """What the engine needs of a task. One class per task, in `models/<task>.py`."""
+
+    name: str
+    # Task input name → required? (e.g. {"text": True, "text_pair": False})
+    inputs: Mapping[str, bool]
+    description: str
+    # Task inputs that postprocess reads (e.g. the text, for character offsets) and features that the
+    # replica passes through to postprocess. Everything else is dropped as early as possible.
+    postprocess_inputs: tuple[str, ...]
+    postprocess_features: tuple[str, ...]
+
+    def parse_params(self, params: Mapping[str, Any], *, key: str) -> Any: ...
+
+    def output_schema(self, params: Any) -> Any: ...  # pa.Schema
+
+    def load_preprocessor(self, model_dir: str, params: Any) -> Preprocessor: ...
+
+    def load_runner(self, model_dir: str, params: Any, *, device: str, dtype: str) -> Runner: ...
+
+    def load_postprocessor(self, model_dir: str, params: Any) -> Postprocessor: ...
+
+
+def register_task(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is registered twice ({type(_TASKS[name]).__module__} and {cls.__module__})")
+        cls.name = name  # type: ignore[attr-defined]
+        _TASKS[name] = cls()
+        return cls
+
+    return deco
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        for module in _TASK_MODULES:
+            importlib.import_module(module)
+        _loaded = True
+
+
+def get_task(name: str) -> Task:
+    _load_all()
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; available: {sorted(_TASKS)}") from None
+
+
+def available_tasks() -> dict[str, Task]:
+    _load_all()
+    return dict(sorted(_TASKS.items()))
+
+
+def check_inputs(task: Task, inputs: Mapping[str, str], *, key: str) -> None:
+    """Shared validation of a stage's `inputs` mapping (task input → column)."""
+    unknown = sorted(set(inputs) - set(task.inputs))
+    if unknown:
+        raise SpecError(f"{key}.{unknown[0]}", f"task {task.name!r} has no input {unknown[0]!r}; its inputs: {sorted(task.inputs)}")
+    for name, required in task.inputs.items():
+        if required and name not in inputs:
+            raise SpecError(f"{key}.{name}", f"task {task.name!r} needs input {name!r}: map it to a column, e.g. inputs: {{{name}: <column>}}")
+
+
+def parse_params_dataclass(cls: type, params: Mapping[str, Any], *, key: str) -> Any:
+    """Params dataclasses use the same typed loader as the job spec (unknown keys name themselves)."""
+    from pipeline.spec import _build
+
+    return _build(cls, dict(params), key)
+
+
+def describe_params(cls: type) -> dict[str, str]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out[f.name] = f"{_fmt_type(hints[f.name])} = {default!r}"
+    return out
+
+
+def _fmt_type(tp: Any) -> str:
+    from pipeline.spec import _type_name
+
+    return _type_name(tp)

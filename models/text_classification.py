@@ -1,0 +1,263 @@
+"""text-classification: any `AutoModelForSequenceClassification` (BERT, DistilBERT, RoBERTa, MiniLM, ...).
+
+Inputs `text` (+ optional `text_pair`). Params follow `transformers.pipeline("text-classification")`:
+`top_k` (1 → label/score; k > 1 or null → also `scores`, best first), `function_to_apply`
+(default | sigmoid | softmax | none), plus `truncation`/`max_length` (the pipeline does not truncate by
+default and fails on over-long input; shardwise truncates to the model's limit unless told otherwise).
+
+Postprocessing is the pipeline's own (`TextClassificationPipeline.postprocess`), so labels and scores are
+the pipeline's by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from models.registry import RowError, parse_params_dataclass, register_task
+
+__all__ = ["TextClassification", "TextClassificationParams"]
+
+
+@dataclass(frozen=True)
+class TextClassificationParams:
+    top_k: int | None = 1
+    function_to_apply: Literal["default", "sigmoid", "softmax", "none"] = "default"
+    truncation: bool = True
+    # None: the tokenizer's model_max_length, capped by the model's position embeddings.
+    max_length: int | None = None
+
+
+_SCORE = pa.struct([("label", pa.string()), ("score", pa.float64())])
+
+
+def _check_text(value: Any, name: str) -> str | RowError:
+    if value is None:
+        return RowError("InvalidInput", f"input {name!r} is null; expected a string")
+    if not isinstance(value, str):
+        return RowError("InvalidInput", f"input {name!r} is a {type(value).__name__}; expected a string")
+    return value
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def effective_max_length(tokenizer: Any, config: Any, requested: int | None) -> int:
+    """The longest input the model takes: the request, else the tokenizer's limit, capped by positions."""
+    limits = [requested] if requested else []
+    if tokenizer.model_max_length and tokenizer.model_max_length < 1_000_000:
+        limits.append(int(tokenizer.model_max_length))
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:
+        limits.append(int(positions))
+    return min(limits) if limits else 512
+
+
+class _Preprocessor:
+    def __init__(self, model_dir: str, params: TextClassificationParams) -> None:
+        from transformers import AutoConfig
+
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_length = effective_max_length(self.tokenizer, AutoConfig.from_pretrained(model_dir), params.max_length)
+        self.truncation = params.truncation
+
+    def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
+        texts = columns["text"]
+        pairs = columns.get("text_pair")
+        out: list[dict[str, Any] | RowError] = [RowError("", "")] * len(texts)
+        ok_rows, ok_text, ok_pair = [], [], []
+        for i, value in enumerate(texts):
+            text = _check_text(value, "text")
+            pair = _check_text(pairs[i], "text_pair") if pairs is not None else None
+            if isinstance(text, RowError):
+                out[i] = text
+            elif isinstance(pair, RowError):
+                out[i] = pair
+            else:
+                ok_rows.append(i)
+                ok_text.append(text)
+                ok_pair.append(pair)
+        if ok_rows:
+            enc = self.tokenizer(
+                ok_text,
+                text_pair=ok_pair if pairs is not None else None,
+                truncation=self.truncation,
+                max_length=self.max_length if self.truncation else None,
+            )
+            has_types = "token_type_ids" in enc
+            for j, i in enumerate(ok_rows):
+                ids = np.asarray(enc["input_ids"][j], dtype=np.int32)
+                if not self.truncation and len(ids) > self.max_length:
+                    out[i] = RowError("InputTooLong", f"{len(ids)} tokens > the model's {self.max_length}; set params.truncation: true")
+                    continue
+                row = {"input_ids": ids}
+                if has_types:
+                    row["token_type_ids"] = np.asarray(enc["token_type_ids"][j], dtype=np.int8)
+                out[i] = row
+        return out
+
+
+class _Runner:
+    def __init__(self, model_dir: str, *, device: str, dtype: str) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype), use_safetensors=True
+        ).to(self.device).eval()
+        tokenizer = load_tokenizer(model_dir)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def length(self, features: Mapping[str, Any]) -> int:
+        return int(features["input_ids"].shape[0])
+
+    def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        torch = self.torch
+        n, longest = len(batch), max(len(f["input_ids"]) for f in batch)
+        ids = np.full((n, longest), self.pad_id, dtype=np.int64)  # (B, T)
+        mask = np.zeros((n, longest), dtype=np.int64)
+        types = np.zeros((n, longest), dtype=np.int64) if "token_type_ids" in batch[0] else None
+        for r, f in enumerate(batch):
+            t = len(f["input_ids"])
+            ids[r, :t] = f["input_ids"]
+            mask[r, :t] = 1
+            if types is not None:
+                types[r, :t] = f["token_type_ids"]
+        inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if types is not None:
+            inputs["token_type_ids"] = torch.from_numpy(types)
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits.float().cpu().numpy()  # (B, num_labels)
+        return [{"logits": logits[r]} for r in range(n)]
+
+
+class _Postprocessor:
+    def __init__(self, model_dir: str, params: TextClassificationParams) -> None:
+        from transformers import AutoConfig
+        from transformers.pipelines.text_classification import TextClassificationPipeline
+
+        # The pipeline's postprocess only reads `self.model.config`; calling it keeps parity by construction.
+        self._pipe = SimpleNamespace(model=SimpleNamespace(config=AutoConfig.from_pretrained(model_dir)))
+        self._postprocess = TextClassificationPipeline.postprocess
+        self.top_k = params.top_k
+        self.function_to_apply = None if params.function_to_apply == "default" else params.function_to_apply
+
+    def __call__(self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]) -> dict[str, Any]:
+        import torch
+
+        logits = torch.from_numpy(np.array(output["logits"], dtype=np.float32))[None]  # (1, num_labels)
+        scores = self._postprocess(
+            self._pipe, {"logits": logits}, function_to_apply=self.function_to_apply, top_k=self.top_k, _legacy=False
+        )
+        row: dict[str, Any] = {"label": scores[0]["label"], "score": scores[0]["score"]}
+        if self.top_k != 1:
+            row["scores"] = scores
+        return row
+
+
+@register_task("text-classification")
+class TextClassification:
+    name = "text-classification"
+    inputs = {"text": True, "text_pair": False}
+    description = "Sequence classification (sentiment, topics, NLI): label + score per row."
+    postprocess_inputs = ()
+    postprocess_features = ()
+
+    def parse_params(self, params: Mapping[str, Any], *, key: str) -> TextClassificationParams:
+        p = parse_params_dataclass(TextClassificationParams, params, key=key)
+        if p.top_k is not None and p.top_k < 1:
+            from pipeline.errors import SpecError
+
+            raise SpecError(f"{key}.top_k", f"must be >= 1 or null (all labels), got {p.top_k}")
+        return p
+
+    def output_schema(self, params: TextClassificationParams) -> pa.Schema:
+        fields = [("label", pa.string()), ("score", pa.float64())]
+        if params.top_k != 1:
+            fields.append(("scores", pa.list_(_SCORE)))
+        return pa.schema(fields)
+
+    def load_preprocessor(self, model_dir: str, params: TextClassificationParams) -> _Preprocessor:
+        return _Preprocessor(model_dir, params)
+
+    def load_runner(self, model_dir: str, params: TextClassificationParams, *, device: str, dtype: str) -> _Runner:
+        return _Runner(model_dir, device=device, dtype=dtype)
+
+    def load_postprocessor(self, model_dir: str, params: TextClassificationParams) -> _Postprocessor:
+        return _Postprocessor(model_dir, params)
+
+
+# --- fine-tuning ------------------------------------------------------------------------------------------
+# What `jobs.finetune` needs from this task (its `Trainable` protocol): build the model for training with a
+# head sized to the job's labels, turn a batch of rows + label ids into model inputs, save a standard HF
+# folder. The generic Ray Train loop lives in jobs/finetune.py and knows nothing about sequence classifiers.
+
+
+class TextClassificationTrainable:
+    """Training-side view of text-classification; built inside each Ray Train worker."""
+
+    def __init__(self, base_dir: str, *, label_names: tuple[str, ...], max_length: int) -> None:
+        from transformers import AutoConfig
+
+        self.label_names = label_names
+        self.tokenizer = load_tokenizer(base_dir)
+        self.max_length = effective_max_length(self.tokenizer, AutoConfig.from_pretrained(base_dir), max_length)
+
+    def build_model(self, weights_dir: str) -> Any:
+        """The base model (or a checkpoint of this job) with `len(label_names)` outputs named after them."""
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(
+            weights_dir,
+            num_labels=len(self.label_names),
+            id2label=dict(enumerate(self.label_names)),
+            label2id={name: i for i, name in enumerate(self.label_names)},
+            # Cross-entropy over the labels, whatever the base config says (some bases are multi-label).
+            problem_type="single_label_classification",
+            # A base with no head (an encoder such as MiniLM) or a head of another size gets a fresh head;
+            # a head of the same size is kept and fine-tuned.
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,
+        )
+
+    def encode(self, columns: Mapping[str, list[Any]], labels: list[int]) -> dict[str, Any]:
+        """Rows → padded tensors for `model(**batch)`, which then returns `.loss` and `.logits`."""
+        import torch
+
+        enc = self.tokenizer(
+            columns["text"],
+            text_pair=columns.get("text_pair"),
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,  # to the longest row of this batch, not max_length: short reviews stay cheap
+            return_tensors="pt",
+        )
+        batch = dict(enc)  # input_ids, attention_mask (+ token_type_ids): (B, T)
+        batch["labels"] = torch.as_tensor(labels, dtype=torch.long)  # (B,)
+        return batch
+
+    def save(self, model: Any, out_dir: str) -> None:
+        """A folder that `kind: inference` (and `from_pretrained`) loads: safetensors, config, tokenizer."""
+        model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+
+
+def _training(self: TextClassification, base_dir: str, *, label_names: tuple[str, ...],
+              max_length: int) -> TextClassificationTrainable:
+    return TextClassificationTrainable(base_dir, label_names=label_names, max_length=max_length)
+
+
+# Part of the task's interface (`jobs.finetune.FineTunable`): tasks without it cannot be fine-tuned.
+TextClassification.training = _training  # type: ignore[attr-defined]
+__all__ += ["TextClassificationTrainable"]

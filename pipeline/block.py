@@ -1,0 +1,47 @@
+"""The columns a shard's block carries between stages (all engine names start with "__").
+
+    __shard       shard id (every row of a block belongs to one shard; blocks may hold several)
+    __id          row id as a string (the id column's value, or "<file>:<row>")
+    __row         row index within its file (restores order)
+    __err_stage   null, or the stage where the row failed: read | preprocess | forward | postprocess
+    __err_type    exception/reason name
+    __err_msg     what went wrong, for the error record
+    __f.<name>    a feature tensor (pipeline.tensors), produced by preprocess, consumed by the replica
+    __o.<name>    a raw output tensor, produced by the replica, consumed by postprocess
+plus the input columns a task's postprocess needs and the columns the output keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+__all__ = ["ERR_MSG", "ERR_STAGE", "ERR_TYPE", "FEATURE", "ID", "OUTPUT", "READ_ERROR", "ROW", "SHARD", "set_errors"]
+
+SHARD = "__shard"
+ID = "__id"
+ROW = "__row"
+READ_ERROR = "__read_error"
+ERR_STAGE = "__err_stage"
+ERR_TYPE = "__err_type"
+ERR_MSG = "__err_msg"
+FEATURE = "__f."
+OUTPUT = "__o."
+
+
+def set_errors(table: pa.Table, stage: str, errors: Sequence[tuple[str, str] | None]) -> pa.Table:
+    """Record new row errors (rows already in error keep their first error)."""
+    stages = table.column(ERR_STAGE).to_pylist()
+    types = table.column(ERR_TYPE).to_pylist()
+    msgs = table.column(ERR_MSG).to_pylist()
+    for i, err in enumerate(errors):
+        if err is not None and stages[i] is None:
+            stages[i], types[i], msgs[i] = stage, err[0], err[1]
+    for name, values in ((ERR_STAGE, stages), (ERR_TYPE, types), (ERR_MSG, msgs)):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return table
+
+
+def ok_rows(table: pa.Table) -> list[int]:
+    return [i for i, s in enumerate(table.column(ERR_STAGE).to_pylist()) if s is None]

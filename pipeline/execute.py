@@ -1,0 +1,485 @@
+"""Run an inference job: spec → plan → Ray Data graph → commit → manifest.
+
+    from_items(shards, one block each)
+      → map_batches(read_preprocess)        CPU tasks: read the shard's rows, tokenize/decode (batched)
+      → map_batches(Replica, actor pool)    `replicas` actors, `num_gpus` each: pad + forward only
+      → map_batches(postprocess_commit)     CPU tasks: labels/spans/..., write part files, commit record
+      → the driver consumes commit records: progress, manifest, error-rate check
+
+Every map takes the whole block (`batch_size=None`) and Ray Data's block splitting is off, so a block is
+a shard all the way down and one shard gives one `part-<shard>.parquet`. Streaming execution gives
+backpressure: only a few shards are in flight per stage, whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.block import ERR_MSG, ERR_STAGE, ERR_TYPE, FEATURE, ID, OUTPUT, READ_ERROR, ROW, SHARD, set_errors
+from pipeline.commit import ERROR_SCHEMA, OutputDir, ShardRecord
+from pipeline.errors import ErrorRateExceeded, JobFailed, ShardwiseError, SpecError
+from pipeline.plan import Shard, fingerprint, plan_shards
+from pipeline.sources import input_schema, list_fragments, read_range
+from pipeline.spec import JobSpec, StageSpec, spec_to_dict
+from pipeline.tensors import decode_tensors, encode_tensors
+
+__all__ = ["JobResult", "init_ray", "run_inference"]
+
+log = logging.getLogger(__name__)
+
+# CPU (logical) reserved by each read/preprocess and commit task. Replicas reserve their own.
+_TASK_CPUS = 1.0
+_COMMIT_CPUS = 0.5
+
+
+@dataclass
+class JobResult:
+    output_uri: str
+    state: str
+    shards_total: int
+    shards_run: int
+    shards_skipped: int
+    rows_in: int
+    rows_ok: int
+    rows_error: int
+    wall_s: float
+    run_id: str
+    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        run_rows = sum(r["rows_in"] for r in self.manifest.get("shards", {}).values() if r["run_id"] == self.run_id)
+        return run_rows / self.wall_s if self.wall_s > 0 else 0.0
+
+
+# -------------------------------------------------------------------------------------------------------
+# Ray
+
+
+def embedded_cpus(spec: JobSpec) -> int:
+    """Logical CPUs for the embedded cluster: all replicas at their max plus one read and one commit task
+    always fit, so no pool can wait forever for a CPU (the reason to go above the physical count)."""
+    stage = spec.stage
+    _, hi = stage.replica_range()
+    per_replica = replica_cpus(stage)
+    need = math.ceil(hi * per_replica + _TASK_CPUS + _COMMIT_CPUS)
+    return max(os.cpu_count() or 1, need)
+
+
+def replica_cpus(stage: StageSpec) -> float:
+    return stage.num_cpus if stage.num_cpus is not None else 1.0
+
+
+def init_ray(*, address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join `address` (a running cluster; "auto" finds it) or start the embedded local cluster once."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        # address="local" always starts a new cluster; plain init() would join a stale one from a file.
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Stage functions (run in Ray workers). Loaded objects are cached per worker process.
+
+
+@functools.lru_cache(maxsize=4)
+def _preprocessor(task_name: str, model: str, revision: str | None, options: str, params: str) -> Any:
+    from models.loading import resolve_model
+    from models.registry import get_task
+
+    task = get_task(task_name)
+    model_dir = resolve_model(model, revision=revision, storage_options=json.loads(options))
+    return task.load_preprocessor(model_dir, task.parse_params(json.loads(params), key="params"))
+
+
+@functools.lru_cache(maxsize=4)
+def _postprocessor(task_name: str, model: str, revision: str | None, options: str, params: str) -> Any:
+    from models.loading import resolve_model
+    from models.registry import get_task
+
+    task = get_task(task_name)
+    model_dir = resolve_model(model, revision=revision, storage_options=json.loads(options))
+    return task.load_postprocessor(model_dir, task.parse_params(json.loads(params), key="params"))
+
+
+def _stage_key(stage: StageSpec) -> tuple[str, str, str | None, str, str]:
+    from pipeline.spec import spec_to_dict
+
+    return (stage.task, stage.model, stage.revision, json.dumps({}), json.dumps(spec_to_dict(stage.params), sort_keys=True))
+
+
+def _isolate(fn: Callable[[dict[str, list[Any]]], list[Any]], columns: dict[str, list[Any]], n: int) -> list[Any]:
+    """Run a batched row function; if the batch raises, rerun row by row so one bad row costs only itself."""
+    try:
+        out = fn(columns)
+        if len(out) != n:
+            raise RuntimeError(f"returned {len(out)} results for {n} rows")
+        return out
+    except Exception:  # noqa: BLE001
+        if n == 1:
+            raise
+        results = []
+        for i in range(n):
+            try:
+                results.extend(fn({k: v[i:i + 1] for k, v in columns.items()}))
+            except Exception as e:  # noqa: BLE001
+                from models.registry import RowError
+
+                results.append(RowError(type(e).__name__, str(e) or repr(e)))
+        return results
+
+
+def read_preprocess(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
+    """Read each shard in the block and preprocess its rows (one output block per input block)."""
+    from models.registry import RowError, get_task
+
+    spec: JobSpec = job["spec"]
+    stage = spec.stage
+    task = get_task(stage.task)
+    preprocess = _preprocessor(*job["stage_key"])
+    out = []
+    for shard_json in batch.column("shard").to_pylist():
+        shard = Shard.from_dict(json.loads(shard_json))
+        table = read_range(spec.input, shard.fragment, shard.start, shard.stop, columns=job["read_columns"])
+        n = table.num_rows
+        read_errors = table.column(READ_ERROR).to_pylist()
+        table = table.drop_columns([READ_ERROR])
+        table = table.append_column(SHARD, pa.array([shard.shard_id] * n, pa.string()))
+        for name in (ERR_STAGE, ERR_TYPE, ERR_MSG):
+            table = table.append_column(name, pa.nulls(n, pa.string()))
+        table = set_errors(table, "read", [("ParseError", e) if e is not None else None for e in read_errors])
+        ok = [i for i, e in enumerate(read_errors) if e is None]
+        columns = {name: table.column(col).take(ok).to_pylist() for name, col in stage.inputs.items()}
+        features: list[Any] = [None] * n
+        errors: list[tuple[str, str] | None] = [None] * n
+        if ok:
+            try:
+                results = _isolate(preprocess, columns, len(ok))
+            except Exception as e:  # noqa: BLE001 - a single row that raised
+                results = [RowError(type(e).__name__, str(e) or repr(e))]
+            for i, res in zip(ok, results, strict=True):
+                if isinstance(res, RowError):
+                    errors[i] = (res.error_type, res.message)
+                else:
+                    features[i] = res
+        table = set_errors(table, "preprocess", errors)
+        keep = set(job["carry_columns"]) | {SHARD, ID, ROW, ERR_STAGE, ERR_TYPE, ERR_MSG}
+        table = table.select([c for c in table.column_names if c in keep])
+        for name, column in encode_tensors(features, prefix=FEATURE).items():
+            table = table.append_column(name, column)
+        del task
+        out.append(table)
+    return pa.concat_tables(out, promote_options="permissive") if len(out) > 1 else out[0]
+
+
+def postprocess_commit(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
+    """Postprocess each shard's rows, split predictions from error records, commit the shard."""
+    from models.registry import get_task
+
+    spec: JobSpec = job["spec"]
+    stage = spec.stage
+    task = get_task(stage.task)
+    postprocess = _postprocessor(*job["stage_key"])
+    schema: pa.Schema = job["output_schema"]
+    out_dir: OutputDir = job["output"]
+    records = []
+    shards = batch.column(SHARD).to_pylist()
+    for shard_id in dict.fromkeys(shards):
+        idx = [i for i, s in enumerate(shards) if s == shard_id]
+        table = batch.take(idx)
+        outputs = decode_tensors(table, prefix=OUTPUT)
+        features = decode_tensors(table, prefix=FEATURE)
+        stages = table.column(ERR_STAGE).to_pylist()
+        inputs = {name: table.column(col).to_pylist() for name, col in stage.inputs.items() if name in task.postprocess_inputs}
+        preds: list[dict[str, Any]] = []
+        ok_idx: list[int] = []
+        errors: list[tuple[str, str] | None] = [None] * table.num_rows
+        for i in range(table.num_rows):
+            if stages[i] is not None:
+                continue
+            if outputs[i] is None:
+                errors[i] = ("MissingOutput", "the replica returned no output for this row")
+                continue
+            try:
+                row = postprocess(outputs[i], inputs={k: v[i] for k, v in inputs.items()}, features=features[i] or {})
+            except Exception as e:  # noqa: BLE001
+                errors[i] = (type(e).__name__, str(e) or repr(e))
+                continue
+            preds.append(row)
+            ok_idx.append(i)
+        table = set_errors(table, "postprocess", errors)
+        predictions = _predictions_table(table.take(ok_idx), preds, schema, job)
+        error_rows = table.filter(pa.compute.is_valid(table.column(ERR_STAGE)))
+        errors_table = pa.table(
+            [error_rows.column(ID), error_rows.column(ERR_STAGE), error_rows.column(ERR_TYPE), error_rows.column(ERR_MSG)],
+            schema=ERROR_SCHEMA,
+        )
+        rec = out_dir.commit_shard(shard_id, run_id=job["run_id"], predictions=predictions, errors=errors_table)
+        records.append(rec.__dict__)
+    return pa.Table.from_pylist(records)
+
+
+def _predictions_table(rows: pa.Table, preds: list[dict[str, Any]], schema: pa.Schema, job: dict[str, Any]) -> pa.Table:
+    columns: dict[str, pa.Array] = {}
+    id_column = job["id_column"]
+    if id_column is None:
+        columns["id"] = rows.column(ID)
+    for col in job["keep_columns"]:
+        columns[col] = rows.column(col)
+    for f in schema:
+        columns[f.name] = pa.array([p.get(f.name) for p in preds], f.type)
+    return pa.table(columns)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def _read_columns(spec: JobSpec) -> list[str]:
+    cols = list(spec.stage.inputs.values()) + list(spec.input.kept())
+    if spec.input.id_column:
+        cols.append(spec.input.id_column)
+    return list(dict.fromkeys(cols))
+
+
+def _keep_columns(spec: JobSpec) -> list[str]:
+    keep = list(spec.input.kept())
+    if spec.input.id_column and spec.input.id_column not in keep:
+        keep.insert(0, spec.input.id_column)
+    elif spec.input.id_column:
+        keep.remove(spec.input.id_column)
+        keep.insert(0, spec.input.id_column)
+    return keep
+
+
+def _check_columns(spec: JobSpec, schema: pa.Schema, output_schema: pa.Schema) -> None:
+    names = set(schema.names)
+    for task_input, col in spec.stage.inputs.items():
+        if col not in names:
+            raise SpecError(f"stages[0].inputs.{task_input}", f"column {col!r} is not in the input; its columns: {schema.names}")
+    if spec.input.id_column and spec.input.id_column not in names:
+        raise SpecError("input.id_column", f"column {spec.input.id_column!r} is not in the input; its columns: {schema.names}")
+    for col in spec.input.kept():
+        if col not in names:
+            raise SpecError("input.keep_columns", f"column {col!r} is not in the input; its columns: {schema.names}")
+        if col in output_schema.names:
+            raise SpecError("input.keep_columns", f"column {col!r} clashes with the task's output field of the same name; drop it from keep_columns")
+    if spec.input.id_column is None and "id" in spec.input.kept():
+        raise SpecError("input.keep_columns", "keeps a column named 'id' but input.id_column is not set; set input.id_column: id")
+
+
+def _manifest(spec: JobSpec, fp: str, parts: dict[str, Any], state: str, shards_total: int,
+              records: Mapping[str, ShardRecord], runs: list[dict[str, Any]], reason: str | None = None) -> dict[str, Any]:
+    rows_in = sum(r.rows_in for r in records.values())
+    rows_error = sum(r.rows_error for r in records.values())
+    return {
+        "name": spec.name,
+        "kind": spec.kind,
+        "state": state,
+        "reason": reason,
+        "fingerprint": fp,
+        "fingerprint_parts": parts,
+        "spec": spec_to_dict(spec),
+        "shards_total": shards_total,
+        "shards_done": len(records),
+        "rows_in": rows_in,
+        "rows_ok": rows_in - rows_error,
+        "rows_error": rows_error,
+        "error_rate": rows_error / rows_in if rows_in else 0.0,
+        "max_error_rate": spec.max_error_rate,
+        "runs": runs,
+        "shards": {k: records[k].__dict__ for k in sorted(records)},
+        "updated_at": time.time(),
+    }
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost ShardwiseError (or the original user-code exception) inside Ray's wrappers."""
+    seen = set()
+    current: BaseException | None = exc
+    best: BaseException = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ShardwiseError):
+            return current
+        cause = getattr(current, "cause", None)
+        if isinstance(cause, BaseException):
+            best = cause
+            current = cause
+            continue
+        best = current
+        current = current.__cause__ or current.__context__
+    return best
+
+
+def run_inference(spec: JobSpec, *, address: str | None = None, overwrite: bool = False,
+                  progress: bool = True, max_shards: int | None = None) -> JobResult:
+    """Run (or resume) an inference job to completion. Raises ShardwiseError subclasses on failure."""
+    import ray
+
+    from models.loading import model_identity
+    from models.registry import get_task
+
+    started = time.time()
+    stage = spec.stage
+    task = get_task(stage.task)
+    params = task.parse_params(stage.params, key="stages[0].params")
+    output_schema = task.output_schema(params)
+
+    fragments = list_fragments(spec.input)
+    _check_columns(spec, input_schema(spec.input, fragments[0]), output_schema)
+    fp, parts = fingerprint(spec, fragments, model_identity=model_identity(stage.model, revision=stage.revision))
+    shards = plan_shards(spec, fragments)
+
+    out = OutputDir(spec.output.uri, storage_options=spec.output.storage_options, compression=spec.output.compression)
+    mode = "overwrite" if overwrite else spec.output.mode
+    committed = out.prepare(fingerprint=fp, parts=parts, mode=mode)
+    previous = out.read_json("_manifest.json") or {}
+    planned = {s.shard_id for s in shards}
+    committed = {k: v for k, v in committed.items() if k in planned}
+    todo = [s for s in shards if s.shard_id not in committed]
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    runs = list(previous.get("runs", [])) + [{"run_id": run_id, "started_at": started, "shards_todo": len(todo),
+                                               "shards_skipped": len(committed)}]
+    out.clear_success()
+    records: dict[str, ShardRecord] = dict(committed)
+    out.write_manifest(_manifest(spec, fp, parts, "running", len(shards), records, runs))
+
+    rows_total = sum(s.num_rows for s in shards)
+    bar = _progress(progress, total=rows_total, initial=sum(r.rows_in for r in records.values()))
+    try:
+        if todo:
+            lo, hi = stage.replica_range()
+            init_ray(address=address, num_cpus=None if address else embedded_cpus(spec))
+            job = {
+                "spec": spec,
+                "stage_key": _stage_key(stage),
+                "read_columns": _read_columns(spec),
+                "carry_columns": list(dict.fromkeys(_keep_columns(spec) + [stage.inputs[n] for n in task.postprocess_inputs if n in stage.inputs])),
+                "keep_columns": _keep_columns(spec),
+                "id_column": spec.input.id_column,
+                "output_schema": output_schema,
+                "output": out,
+                "run_id": run_id,
+            }
+            ds = _build_dataset(ray, spec, todo, job)
+            max_errors = spec.max_error_rate * rows_total
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                for rec_dict in batch.to_pylist():
+                    rec = ShardRecord(**rec_dict)
+                    records[rec.shard_id] = rec
+                    if bar is not None:
+                        bar.update(rec.rows_in)
+                        bar.set_postfix(errors=sum(r.rows_error for r in records.values()), refresh=False)
+                out.write_manifest(_manifest(spec, fp, parts, "running", len(shards), records, runs))
+                if sum(r.rows_error for r in records.values()) > max_errors:
+                    break  # the job can no longer pass; stop spending compute on it
+    except ShardwiseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray wraps user errors; report the cause in one paragraph
+        cause = _root_cause(e)
+        reason = cause if isinstance(cause, ShardwiseError) else JobFailed(f"the job failed: {type(cause).__name__}: {cause}")
+        runs[-1]["finished_at"] = time.time()
+        out.write_manifest(_manifest(spec, fp, parts, "failed", len(shards), records, runs, reason=str(reason)))
+        raise reason from e
+    finally:
+        if bar is not None:
+            bar.close()
+
+    wall = time.time() - started
+    runs[-1]["finished_at"] = time.time()
+    runs[-1]["wall_s"] = wall
+    # The commit records on storage are the truth (a retried task may have committed a shard twice).
+    records.update({k: v for k, v in out.committed().items() if k in planned})
+    rows_in = sum(r.rows_in for r in records.values())
+    rows_error = sum(r.rows_error for r in records.values())
+    missing = planned - set(records)
+    state, reason = "succeeded", None
+    if rows_in and rows_error / rows_in > spec.max_error_rate or rows_error > spec.max_error_rate * rows_total:
+        state = "failed"
+        reason = (f"{rows_error} of {rows_in} rows failed ({rows_error / max(rows_in, 1):.2%}), above max_error_rate "
+                  f"{spec.max_error_rate:.2%}. See the error records in {spec.output.uri}/_errors/ (stage, "
+                  "error_type, message per row); fix the input or raise max_error_rate")
+    elif missing and max_shards is None:
+        state = "failed"
+        reason = f"{len(missing)} shard(s) produced no commit record (e.g. {sorted(missing)[:3]}); rerun to resume them"
+    elif missing:
+        state = "partial"
+    manifest = _manifest(spec, fp, parts, state, len(shards), records, runs, reason=reason)
+    out.write_manifest(manifest)
+    result = JobResult(spec.output.uri, state, len(shards), len(todo), len(committed), rows_in, rows_in - rows_error,
+                       rows_error, wall, run_id, manifest)
+    if state == "failed":
+        if rows_error and reason and "max_error_rate" in reason:
+            raise ErrorRateExceeded(reason)
+        raise JobFailed(reason or "the job failed")
+    if state == "succeeded":
+        out.write_success()
+    return result
+
+
+def _build_dataset(ray: Any, spec: JobSpec, todo: list[Shard], job: dict[str, Any]) -> Any:
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipeline.replica import Replica, resolve_device
+
+    stage = spec.stage
+    ctx = DataContext.get_current()
+    ctx.target_max_block_size = None  # never split a block: a block is a shard, a shard is one commit
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = False
+    lo, hi = stage.replica_range()
+    device = resolve_device(stage.device, stage.num_gpus) if stage.num_gpus == 0 else stage.device
+    threads = int(stage.num_cpus) if stage.num_cpus else (None if stage.num_gpus else max(1, (os.cpu_count() or 1) // hi))
+    items = [{"shard": json.dumps(s.to_dict())} for s in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        read_preprocess, batch_size=None, batch_format="pyarrow", fn_kwargs={"job": job}, num_cpus=_TASK_CPUS,
+        # Reserve memory for a shard in flight (its rows + features). Remote args that differ from the
+        # replica's also keep Ray Data from fusing this CPU stage into the replica actor: tokenizing must
+        # run in parallel CPU tasks, not on the replica's critical path.
+        memory=2 * spec.input.shard_bytes,
+    )
+    ds = ds.map_batches(
+        Replica, batch_size=None, batch_format="pyarrow", compute=ActorPoolStrategy(min_size=lo, max_size=hi),
+        num_gpus=stage.num_gpus or None, num_cpus=replica_cpus(stage),
+        fn_constructor_kwargs={
+            "task": stage.task, "model": stage.model, "revision": stage.revision, "storage_options": {},
+            "params": dict(stage.params), "device": device, "dtype": stage.dtype, "num_gpus": stage.num_gpus,
+            "batch_size": stage.batch_size, "max_batch_tokens": stage.max_batch_tokens, "threads": threads,
+        },
+    )
+    ds = ds.map_batches(postprocess_commit, batch_size=None, batch_format="pyarrow", fn_kwargs={"job": job},
+                        num_cpus=_COMMIT_CPUS)
+    return ds
+
+
+def _progress(enabled: bool, *, total: int, initial: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="rows", file=sys.stderr, dynamic_ncols=True,
+                desc="shardwise", smoothing=0.1)

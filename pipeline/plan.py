@@ -1,0 +1,83 @@
+"""Plan: the input's fragments cut into deterministic shards, and the job fingerprint.
+
+A shard is a row range of one file, at most `input.shard_rows` rows and about `input.shard_bytes` bytes.
+The same input listing and spec always give the same shards with the same ids, which is what lets a
+rerun skip committed shards and lets a retried task overwrite its own part file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.sources import Fragment
+from pipeline.spec import JobSpec, spec_to_dict
+
+__all__ = ["Shard", "fingerprint", "plan_shards"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: str  # zero-padded position in the plan: names part-<shard_id>.parquet
+    fragment: Fragment
+    start: int  # first row within the file
+    stop: int  # one past the last row
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shard_id": self.shard_id, "fragment": asdict(self.fragment), "start": self.start, "stop": self.stop}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Shard:
+        frag = dict(d["fragment"])
+        frag["offsets"] = tuple(frag.get("offsets") or ())
+        return Shard(d["shard_id"], Fragment(**frag), int(d["start"]), int(d["stop"]))
+
+
+def plan_shards(spec: JobSpec, fragments: list[Fragment]) -> list[Shard]:
+    """Row-range shards over all fragments, in listing order. Empty files give no shard."""
+    ranges: list[tuple[Fragment, int, int]] = []
+    for frag in fragments:
+        if frag.num_rows == 0:
+            continue
+        by_bytes = max(1, int(spec.input.shard_bytes // max(frag.row_bytes, 1.0)))
+        per_shard = min(spec.input.shard_rows, by_bytes)
+        # Equal-sized shards within a file (rather than full shards plus a runt) balance the replicas.
+        pieces = math.ceil(frag.num_rows / per_shard)
+        size = math.ceil(frag.num_rows / pieces)
+        for start in range(0, frag.num_rows, size):
+            ranges.append((frag, start, min(start + size, frag.num_rows)))
+    width = max(5, len(str(len(ranges))))
+    return [Shard(str(i).zfill(width), frag, start, stop) for i, (frag, start, stop) in enumerate(ranges)]
+
+
+def fingerprint(spec: JobSpec, fragments: list[Fragment], *, model_identity: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(sha256 hex, the parts it hashes). Anything that changes which rows exist or what is predicted for
+    them is in; knobs that only change speed (batch_size, replicas, num_gpus) are out."""
+    from pipeline import __version__
+
+    stage = spec.stage
+    parts = {
+        "shardwise": __version__,
+        "input": {
+            "format": spec.input.resolved_format(),
+            "id_column": spec.input.id_column,
+            "keep_columns": list(spec.input.kept()),
+            "shard_rows": spec.input.shard_rows,
+            "shard_bytes": spec.input.shard_bytes,
+            "files": [[f.rel, f.size, f.version, f.num_rows] for f in fragments],
+        },
+        "task": stage.task,
+        "inputs": stage.inputs,
+        "params": spec_to_dict(stage.params),
+        "dtype": stage.dtype,
+        "model": model_identity,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return digest, parts

@@ -1,0 +1,395 @@
+"""Inputs: list an input's files (fragments) and read one shard of rows, for every format and fsspec URI.
+
+Formats: `parquet` (file, directory, glob), `hf` (a `datasets` folder written by `save_to_disk`: Arrow
+stream files listed in its state.json), `jsonl`, `csv`. Local paths, `file://`, `memory://`, `s3://` and
+every other fsspec protocol go through the same code.
+
+Rows are addressed by (file, row index within the file). The default row id is `<file>:<row>` with the
+file relative to the input root, so it is stable across reruns and machines.
+
+A row that cannot be parsed (a broken JSON line) is not an exception: it is returned with `__read_error`
+set and becomes an error record downstream.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.block import ID, READ_ERROR, ROW
+from pipeline.errors import SourceError
+from pipeline.spec import InputSpec
+
+__all__ = [
+    "Fragment",
+    "input_schema",
+    "list_fragments",
+    "read_range",
+    "read_table",
+]
+
+
+_SUFFIXES = {
+    "parquet": (".parquet", ".pq"),
+    "jsonl": (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".json.gz", ".jsonl.bz2"),
+    "csv": (".csv", ".csv.gz", ".csv.bz2", ".tsv"),
+}
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """One input file and what the planner knows of it."""
+
+    path: str  # as the filesystem names it (no protocol)
+    rel: str  # relative to the input root: part of default row ids and of the fingerprint
+    size: int
+    version: str  # etag or mtime: a changed file changes the job fingerprint
+    num_rows: int
+    # Uncompressed bytes per row (estimate), to bound shard sizes.
+    row_bytes: float
+    # For jsonl: byte offset of every `offset_every`-th row, so shards seek instead of scanning.
+    offsets: tuple[int, ...] = ()
+    offset_every: int = 0
+
+
+def _fs(spec: InputSpec) -> tuple[Any, str]:
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(spec.uri, **spec.storage_options)
+    except (ImportError, ValueError) as e:
+        raise SourceError(f"cannot open input.uri {spec.uri!r}: {e}") from e
+
+
+def _version(info: dict[str, Any]) -> str:
+    for key in ("ETag", "etag", "mtime", "LastModified", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
+
+
+def _is_hidden(path: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in path.split("/") if part)
+
+
+def _list_paths(fs: Any, root: str, fmt: str) -> tuple[str, list[str]]:
+    """(base dir for relative names, sorted data files) for a file, directory or glob."""
+    if any(ch in root for ch in "*?["):
+        paths = sorted(p for p in fs.glob(root) if fs.isfile(p))
+        base = re.split(r"[*?\[]", root, maxsplit=1)[0].rsplit("/", 1)[0]
+        return base, paths
+    if not fs.exists(root):
+        raise SourceError(f"input.uri {root!r} does not exist; check the path (and storage_options for remote URIs)")
+    if fs.isfile(root):
+        return posixpath.dirname(root), [root]
+    if fmt == "hf":
+        return root, _hf_files(fs, root)
+    suffixes = _SUFFIXES[fmt]
+    paths = sorted(
+        p for p in fs.find(root)
+        if not _is_hidden(posixpath.relpath(p, root)) and (p.endswith(suffixes) or (fmt == "parquet" and "." not in posixpath.basename(p)))
+    )
+    return root, paths
+
+
+def _hf_files(fs: Any, root: str) -> list[str]:
+    if fs.exists(posixpath.join(root, "dataset_dict.json")):
+        with fs.open(posixpath.join(root, "dataset_dict.json")) as f:
+            splits = json.load(f).get("splits", [])
+        raise SourceError(
+            f"input.uri {root!r} is a DatasetDict with splits {splits}; point input.uri at one split, "
+            f"e.g. {posixpath.join(root, splits[0]) if splits else root + '/<split>'}"
+        )
+    state = posixpath.join(root, "state.json")
+    if not fs.exists(state):
+        raise SourceError(f"input.uri {root!r} has no state.json; with format 'hf' it must be a folder written by Dataset.save_to_disk")
+    with fs.open(state) as f:
+        files = [entry["filename"] for entry in json.load(f)["_data_files"]]
+    return [posixpath.join(root, name) for name in files]
+
+
+def list_fragments(spec: InputSpec) -> list[Fragment]:
+    """Every data file of the input, in a deterministic order, with row counts."""
+    fs, root = _fs(spec)
+    fmt = spec.resolved_format()
+    # fsspec reuses one filesystem per process, and object stores cache listings in it: list anew, so that a
+    # rerun in the same process sees files changed since (their ETag is part of the fingerprint).
+    fs.invalidate_cache()
+    try:
+        base, paths = _list_paths(fs, root, fmt)
+    except SourceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - backend errors (auth, network) reach the user with the URI
+        raise SourceError(f"cannot list input.uri {spec.uri!r}: {type(e).__name__}: {e}") from e
+    if not paths:
+        raise SourceError(f"input.uri {spec.uri!r} matched no {fmt} files; check the path, the glob or input.format")
+    fragments = []
+    for path in paths:
+        try:
+            info = fs.info(path)
+            fragments.append(_describe(fs, path, posixpath.relpath(path, base) if base else path, info, fmt, spec))
+        except SourceError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise SourceError(f"cannot read {fmt} file {path!r}: {type(e).__name__}: {e}") from e
+    return fragments
+
+
+def _compression(path: str) -> str | None:
+    return "gzip" if path.endswith(".gz") else "bz2" if path.endswith(".bz2") else None
+
+
+def _describe(fs: Any, path: str, rel: str, info: dict[str, Any], fmt: str, spec: InputSpec) -> Fragment:
+    size = int(info.get("size") or 0)
+    version = _version(info)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        raw = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        return Fragment(path, rel, size, version, meta.num_rows, raw / max(meta.num_rows, 1))
+    if fmt == "hf":
+        import pyarrow.ipc as ipc
+
+        rows = 0
+        with fs.open(path, "rb") as f:
+            reader = ipc.open_stream(f)
+            for batch in reader:
+                rows += batch.num_rows
+        return Fragment(path, rel, size, version, rows, size / max(rows, 1))
+    if fmt == "jsonl":
+        every = max(1, min(spec.shard_rows, 1024))
+        offsets: list[int] = []
+        rows = 0
+        with fs.open(path, "rb", compression=_compression(path)) as f:
+            pos = 0
+            for line in f:
+                if line.strip():
+                    if rows % every == 0:
+                        offsets.append(pos)
+                    rows += 1
+                pos += len(line)
+        return Fragment(path, rel, size, version, rows, size / max(rows, 1), tuple(offsets), every)
+    if fmt == "csv":
+        rows = 0
+        for batch in _csv_batches(fs, path, None):
+            rows += batch.num_rows
+        return Fragment(path, rel, size, version, rows, size / max(rows, 1))
+    raise SourceError(f"unknown input.format {fmt!r}")
+
+
+def _csv_batches(fs: Any, path: str, columns: Sequence[str] | None) -> Any:
+    import pyarrow.csv as pacsv
+
+    parse = pacsv.ParseOptions(delimiter="\t" if path.endswith(".tsv") else ",")
+    convert = pacsv.ConvertOptions(include_columns=list(columns) if columns else None)
+    with fs.open(path, "rb", compression=_compression(path)) as f:
+        reader = pacsv.open_csv(f, parse_options=parse, convert_options=convert)
+        yield from reader
+
+
+def input_schema(spec: InputSpec, fragment: Fragment) -> pa.Schema:
+    """Schema of one fragment (for checking that the job's columns exist before any work starts)."""
+    fs, _ = _fs(spec)
+    fmt = spec.resolved_format()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open(fragment.path, "rb") as f:
+            return pq.ParquetFile(f).schema_arrow
+    if fmt == "hf":
+        import pyarrow.ipc as ipc
+
+        with fs.open(fragment.path, "rb") as f:
+            return ipc.open_stream(f).schema
+    table = read_range(spec, fragment, 0, min(fragment.num_rows, 100), columns=None)
+    return pa.schema([f for f in table.schema if not f.name.startswith("__")])
+
+
+def _slice_batches(batches: Any, start: int, stop: int) -> list[pa.RecordBatch]:
+    out, pos = [], 0
+    for batch in batches:
+        end = pos + batch.num_rows
+        if end > start and pos < stop:
+            out.append(batch.slice(max(start - pos, 0), min(stop, end) - max(start, pos)))
+        pos = end
+        if pos >= stop:
+            break
+    return out
+
+
+def _concat(batches: list[pa.RecordBatch], schema: pa.Schema | None) -> pa.Table:
+    if batches:
+        return pa.Table.from_batches(batches)
+    return (schema or pa.schema([])).empty_table()
+
+
+def read_range(spec: InputSpec, fragment: Fragment, start: int, stop: int, *, columns: Sequence[str] | None) -> pa.Table:
+    """Rows [start, stop) of one file, only `columns` (None: all), plus `__id`, `__row`, `__read_error`.
+
+    `__row` is the row index within the file. Missing columns raise SourceError naming them.
+    """
+    fs, _ = _fs(spec)
+    fmt = spec.resolved_format()
+    cols = list(dict.fromkeys(columns)) if columns is not None else None
+    # Ids come from the id column even when the caller did not ask for it (it is dropped again below).
+    extra_id = cols is not None and spec.id_column is not None and spec.id_column not in cols
+    if extra_id:
+        cols.append(spec.id_column)
+    errors: list[str | None] | None = None
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open(fragment.path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            _check_columns(pf.schema_arrow.names, cols, fragment)
+            groups, first, pos = [], None, 0
+            for i in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(i).num_rows
+                if pos + n > start and pos < stop:
+                    groups.append(i)
+                    first = pos if first is None else first
+                pos += n
+            table = pf.read_row_groups(groups, columns=cols) if groups else pf.schema_arrow.empty_table()
+            if groups:
+                table = table.slice(start - first, stop - start)
+    elif fmt == "hf":
+        import pyarrow.ipc as ipc
+
+        with fs.open(fragment.path, "rb") as f:
+            reader = ipc.open_stream(f)
+            _check_columns(reader.schema.names, cols, fragment)
+            table = _concat(_slice_batches(reader, start, stop), reader.schema)
+        if cols is not None:
+            table = table.select(cols)
+    elif fmt == "csv":
+        batches = _slice_batches(_csv_batches(fs, fragment.path, None), start, stop)
+        table = _concat(batches, None)
+        _check_columns(table.column_names, cols, fragment)
+        if cols is not None:
+            table = table.select(cols)
+    elif fmt == "jsonl":
+        table, errors = _read_jsonl(fs, fragment, start, stop, cols)
+    else:
+        raise SourceError(f"unknown input.format {fmt!r}")
+    n = table.num_rows
+    rows = pa.array(range(start, start + n), pa.int64())
+    if spec.id_column is not None:
+        _check_columns(table.column_names, [spec.id_column], fragment)
+        # A row whose id is missing (e.g. a broken JSON line) still needs an id for its error record.
+        values = table.column(spec.id_column).to_pylist()
+        ids = pa.array([f"{fragment.rel}:{start + i}" if v is None else str(v) for i, v in enumerate(values)], pa.string())
+    else:
+        ids = pa.array([f"{fragment.rel}:{r}" for r in range(start, start + n)], pa.string())
+    if extra_id:
+        table = table.drop_columns([spec.id_column])
+    table = table.append_column(ID, ids).append_column(ROW, rows)
+    return table.append_column(READ_ERROR, pa.array(errors if errors is not None else [None] * n, pa.string()))
+
+
+def _check_columns(names: Sequence[str], wanted: Sequence[str] | None, fragment: Fragment) -> None:
+    if wanted is None:
+        return
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise SourceError(
+            f"column(s) {missing} not found in {fragment.rel!r}; its columns: {list(names)}. Fix the stage's "
+            "`inputs`, input.id_column or input.keep_columns"
+        )
+
+
+def _read_jsonl(fs: Any, fragment: Fragment, start: int, stop: int, cols: list[str] | None) -> tuple[pa.Table, list[str | None]]:
+    """Parse rows line by line so that one broken line is one error row, not a failed shard."""
+    anchor = start // fragment.offset_every if fragment.offset_every else 0
+    compression = _compression(fragment.path)
+    records: list[dict[str, Any]] = []
+    errors: list[str | None] = []
+    with fs.open(fragment.path, "rb", compression=compression) as f:
+        row = 0
+        if fragment.offsets and compression is None:
+            f.seek(fragment.offsets[anchor])
+            row = anchor * fragment.offset_every
+        for line in f:
+            if not line.strip():
+                continue
+            if row >= stop:
+                break
+            if row >= start:
+                try:
+                    value = json.loads(line)
+                    if not isinstance(value, dict):
+                        raise ValueError(f"a JSON line must hold an object, got {type(value).__name__}")
+                    records.append(value)
+                    errors.append(None)
+                except ValueError as e:
+                    records.append({})
+                    errors.append(f"line {row + 1}: {e}")
+            row += 1
+    if cols is None:
+        cols = list(dict.fromkeys(k for r in records for k in r))
+    elif any(e is None for e in errors):
+        # A column no parsed line has is a spec mistake, not a bad row (one row missing a key is a bad row).
+        present = set().union(*(r.keys() for r, e in zip(records, errors, strict=True) if e is None))
+        _check_columns(sorted(present), cols, fragment)
+    data = {}
+    for c in cols:
+        values = [r.get(c) for r in records]
+        try:
+            data[c] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            # Mixed types across rows (e.g. text and numbers): the rows whose value is not of the most common
+            # type are bad rows (an error record each), not a reason to fail the shard or to coerce silently.
+            _drop_odd_values(c, values, errors, type)
+            try:
+                data[c] = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                # One Python type with different insides ({"k": 1} and {"k": "a"}, ints beyond int64): the same
+                # rule on the Arrow type of each value.
+                _drop_odd_values(c, values, errors, _arrow_type)
+                data[c] = pa.array(values)
+    return pa.table(data) if data else pa.table({"__empty": pa.nulls(len(records))}).drop(["__empty"]), errors
+
+
+def _arrow_type(value: Any) -> pa.DataType | None:
+    try:
+        return pa.array([value]).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return None  # Arrow cannot hold it at all
+
+
+def _drop_odd_values(column: str, values: list[Any], errors: list[str | None], kind: Any) -> None:
+    """Null out the values whose kind is not the most common one and make their rows bad rows.
+
+    Ties go to the kind seen first, so a retried shard makes the same rows bad (not a set's order).
+    """
+    kinds = [None if v is None else kind(v) for v in values]
+    known = [k for k in kinds if k is not None]
+    common = max(dict.fromkeys(known), key=known.count) if known else None
+
+    def name(k: Any) -> str:
+        return "value Arrow cannot store" if k is None else getattr(k, "__name__", str(k))
+
+    for i, v in enumerate(values):
+        if v is not None and (kinds[i] is None or kinds[i] != common):
+            if errors[i] is None:
+                errors[i] = f"column {column!r} holds a {name(kinds[i])} here; other rows hold {name(common)}"
+            values[i] = None
+
+
+def read_table(spec: InputSpec, *, columns: Sequence[str] | None = None, limit: int | None = None) -> pa.Table:
+    """All rows of an input (e.g. a training set), concatenated; `limit` stops early."""
+    parts, total = [], 0
+    for fragment in list_fragments(spec):
+        stop = fragment.num_rows if limit is None else min(fragment.num_rows, limit - total)
+        if stop <= 0:
+            break
+        parts.append(read_range(spec, fragment, 0, stop, columns=columns))
+        total += stop
+    return pa.concat_tables(parts, promote_options="permissive")

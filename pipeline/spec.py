@@ -1,0 +1,411 @@
+"""Job specs: typed, frozen dataclasses loaded from YAML, with `--set a.b=c` overrides.
+
+Every key is validated where it is loaded: unknown keys, wrong types and bad values raise `SpecError`
+naming the dotted key and what is allowed. Nothing downstream reads raw dicts with defaults.
+
+Task-specific `params` are validated by the task itself (`models.registry.get_task(name).parse_params`)
+when the spec is checked, so a typo in `params` is caught before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from pipeline.errors import SpecError
+
+__all__ = [
+    "FORMATS",
+    "FinetuneSpec",
+    "InputSpec",
+    "JobSpec",
+    "OutputSpec",
+    "StageSpec",
+    "apply_overrides",
+    "load_spec",
+    "parse_spec",
+]
+
+Format = Literal["parquet", "hf", "jsonl", "csv"]
+FORMATS: tuple[str, ...] = get_args(Format)
+Mode = Literal["resume", "overwrite", "error-if-exists"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+# A shard is the unit of work and of commit. 4,096 rows keeps a CPU shard of short texts at a few seconds
+# of work (a lost shard is cheap to redo) while per-shard overhead (one task, one file) stays small.
+DEFAULT_SHARD_ROWS = 4096
+# Bounds the memory a shard holds in the object store: images/audio make rows large.
+DEFAULT_SHARD_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where rows come from."""
+
+    uri: str
+    format: Format | None = None
+    id_column: str | None = None
+    keep_columns: tuple[str, ...] | None = None
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    # Passed to fsspec (e.g. {"endpoint_url": ..., "key": ..., "secret": ...} for S3).
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def resolved_format(self) -> str:
+        """The format, from the key or else from the URI's suffix."""
+        if self.format is not None:
+            return self.format
+        return format_from_uri(self.uri)
+
+    def kept(self) -> tuple[str, ...]:
+        """Columns copied to the output next to predictions."""
+        if self.keep_columns is not None:
+            return self.keep_columns
+        return (self.id_column,) if self.id_column else ()
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One model applied to every row."""
+
+    name: str
+    task: str
+    model: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    revision: str | None = None
+    batch_size: int = 32
+    # Token (or element) budget per micro-batch: padded length × rows stays under it. None: only batch_size.
+    max_batch_tokens: int | None = None
+    replicas: int | tuple[int, int] = 1
+    num_gpus: float = 0.0
+    # CPUs reserved per replica. None: 1 with a GPU; on CPU-only replicas also 1 (logical), while torch
+    # uses the node's cores split across the replicas (see pipeline.replica).
+    num_cpus: float | None = None
+    dtype: DType = "auto"
+    device: Device = "auto"
+
+    def replica_range(self) -> tuple[int, int]:
+        if isinstance(self.replicas, int):
+            return (self.replicas, self.replicas)
+        return self.replicas
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    uri: str
+    mode: Mode = "resume"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Training settings for `kind: finetune` (the stage says task, base model and inputs)."""
+
+    label_column: str = "label"
+    # Names of the classes in id order. None: taken from the data (sorted distinct labels).
+    label_names: tuple[str, ...] | None = None
+    eval_input: InputSpec | None = None
+    # Held-out share of `input` when there is no eval_input.
+    eval_fraction: float = 0.1
+    epochs: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    # Where Ray Train keeps per-epoch checkpoints. None: <output.uri>/_checkpoints.
+    checkpoint_uri: str | None = None
+    # Cap on training rows (None: all); handy for quick runs.
+    max_train_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    input: InputSpec
+    stages: tuple[StageSpec, ...]
+    output: OutputSpec
+    kind: Literal["inference", "finetune"] = "inference"
+    max_error_rate: float = 0.01
+    train: FinetuneSpec | None = None
+
+    @property
+    def stage(self) -> StageSpec:
+        """The job's stage (one per job in this version)."""
+        return self.stages[0]
+
+
+def format_from_uri(uri: str) -> str:
+    base = uri.rstrip("/").split("?")[0].lower()
+    for suffix, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
+                        (".json", "jsonl"), (".csv", "csv"), (".tsv", "csv"), (".arrow", "hf")):
+        if base.endswith(suffix) or base.endswith(suffix + ".gz") or base.endswith(suffix + ".bz2"):
+            return fmt
+    raise SpecError(
+        "input.format",
+        f"cannot tell the format of {uri!r} from its name; set input.format to one of {list(FORMATS)}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generic, typed conversion of plain YAML data into the dataclasses above.
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} items [{', '.join(_type_name(a) for a in args)}]"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+# PyYAML follows YAML 1.1, where a float needs a dot: `lr: 5e-5` loads as the string "5e-5". Users (and
+# YAML 1.2) mean a number, so float keys accept exactly that spelling; other strings stay errors.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise SpecError(key, f"got {value!r}; allowed: {', '.join(repr(a) for a in get_args(tp))}")
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _convert(value, arg, key)
+            except SpecError as e:
+                errors.append(e)
+        for e in errors:
+            if e.key != key:  # the value had this arm's shape (a mapping, a list); the mistake is inside it
+                raise e
+        raise SpecError(key, f"got {value!r}; expected {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise SpecError(key, f"got {value!r}; expected null")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, Sequence) or isinstance(value, str | bytes):
+            raise SpecError(key, f"got {value!r}; expected {_type_name(tp)}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise SpecError(key, f"got {value!r}; expected {_type_name(tp)}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise SpecError(key, f"got {value!r}; expected a mapping")
+        kt, vt = get_args(tp)
+        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise SpecError(key, f"got {value!r}; expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise SpecError(key, f"got {value!r}; expected an integer")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+            return float(value)
+        raise SpecError(key, f"got {value!r}; expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise SpecError(key, f"got {value!r}; expected a string")
+    raise TypeError(f"spec type {tp!r} at {key} is not supported")  # a bug in this module, not user input
+
+
+def _build(cls: Any, data: Any, prefix: str) -> Any:
+    where = prefix or "the job spec"
+    if not isinstance(data, Mapping):
+        raise SpecError(prefix, f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys need not be strings (`1: x`)
+    if unknown:
+        name = unknown[0]
+        key = f"{prefix}.{name}" if prefix else str(name)
+        close = difflib.get_close_matches(str(name), list(fields), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise SpecError(key, f"unknown key in {where}; {hint}allowed keys: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(key, f"required key is missing from {where}")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _positive(key: str, value: float | int | None) -> None:
+    if value is not None and value <= 0:
+        raise SpecError(key, f"must be greater than 0, got {value!r}")
+
+
+def _validate(spec: JobSpec) -> JobSpec:
+    from models.registry import check_inputs, get_task  # lazy: registry imports task modules
+
+    if not spec.name.strip():
+        raise SpecError("name", "must not be empty")
+    if not spec.stages:
+        raise SpecError("stages", "at least one stage is required")
+    if len(spec.stages) > 1:
+        raise SpecError(
+            "stages",
+            f"this version runs one stage per job, got {len(spec.stages)}; split the stages into separate "
+            "jobs (the output of one job can be the input of the next)",
+        )
+    spec.input.resolved_format()  # raises with the fix if the format cannot be told
+    _positive("input.shard_rows", spec.input.shard_rows)
+    _positive("input.shard_bytes", spec.input.shard_bytes)
+    if not 0.0 <= spec.max_error_rate <= 1.0:
+        raise SpecError("max_error_rate", f"must be between 0 and 1, got {spec.max_error_rate}")
+    for i, stage in enumerate(spec.stages):
+        key = f"stages[{i}]"
+        try:
+            task = get_task(stage.task)
+        except KeyError as e:
+            raise SpecError(f"{key}.task", str(e.args[0])) from None
+        check_inputs(task, stage.inputs, key=f"{key}.inputs")
+        task.parse_params(stage.params, key=f"{key}.params")
+        _positive(f"{key}.batch_size", stage.batch_size)
+        _positive(f"{key}.max_batch_tokens", stage.max_batch_tokens)
+        lo, hi = stage.replica_range()
+        if lo < 1 or hi < lo:
+            raise SpecError(f"{key}.replicas", f"expected an int >= 1 or [min, max] with 1 <= min <= max, got {stage.replicas!r}")
+        if stage.num_gpus < 0:
+            raise SpecError(f"{key}.num_gpus", f"must be >= 0, got {stage.num_gpus}")
+        _positive(f"{key}.num_cpus", stage.num_cpus)
+        if stage.device == "cuda" and stage.num_gpus == 0:
+            raise SpecError(f"{key}.num_gpus", "device is 'cuda' but num_gpus is 0; set num_gpus (e.g. 1 or 0.5)")
+    if spec.kind == "finetune":
+        if spec.train is None:
+            raise SpecError("train", "kind is 'finetune' but the 'train' section is missing")
+        t = spec.train
+        _positive("train.epochs", t.epochs)
+        _positive("train.lr", t.lr)
+        _positive("train.batch_size", t.batch_size)
+        _positive("train.num_workers", t.num_workers)
+        _positive("train.max_length", t.max_length)
+        if not 0.0 <= t.eval_fraction < 1.0:
+            raise SpecError("train.eval_fraction", f"must be in [0, 1), got {t.eval_fraction}")
+        if spec.output.mode == "resume":
+            # A fine-tune writes one model folder; "resume" has no meaning for it beyond refusing to clobber.
+            pass
+    elif spec.train is not None:
+        raise SpecError("train", "the 'train' section is only allowed with kind: finetune")
+    return spec
+
+
+def parse_spec(data: Mapping[str, Any]) -> JobSpec:
+    """Build and validate a JobSpec from plain data (as loaded from YAML)."""
+    spec = _build(JobSpec, data, "")
+    return _validate(spec)
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--set` values are YAML scalars/flow collections: 3, 0.5, true, null, [1, 2], {a: b}, text."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to plain spec data. List items are addressed by index: stages.0.batch_size."""
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError("--set", f"expected KEY.PATH=VALUE, got {item!r}")
+        path, _, raw = item.partition("=")
+        # `stages[0].batch_size` (how errors name keys) is the same key as `stages.0.batch_size`.
+        parts = re.sub(r"\[(\d+)\]", r".\1", path.strip()).split(".")
+        if not all(parts):
+            raise SpecError("--set", f"empty key in {path!r}")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SpecError(where, f"index {part!r} is out of range (the list has {len(node)} items)")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                raise SpecError(where, f"cannot set a key inside a {type(node).__name__}")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise SpecError(path, f"index {last!r} is out of range (the list has {len(node)} items)")
+            node[int(last)] = _parse_scalar(raw)
+        elif isinstance(node, dict):
+            node[last] = _parse_scalar(raw)
+        else:
+            raise SpecError(path, f"cannot set a key inside a {type(node).__name__}")
+    return data
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """Read a YAML job spec, apply `--set` overrides, validate. Relative local paths stay as written."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError("", f"cannot read job spec {str(p)!r}: {e.strerror or e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError("", f"{p} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise SpecError("", f"{p} must hold a mapping of job keys (name, input, stages, output, ...)")
+    return parse_spec(apply_overrides(data, overrides))
+
+
+def spec_to_dict(spec: Any) -> Any:
+    """Plain data (JSON-able) for a spec dataclass; used for fingerprints and the manifest."""
+    if dataclasses.is_dataclass(spec):
+        return {f.name: spec_to_dict(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
+    if isinstance(spec, tuple | list):
+        return [spec_to_dict(v) for v in spec]
+    if isinstance(spec, dict):
+        return {k: spec_to_dict(v) for k, v in spec.items()}
+    return spec
