@@ -445,6 +445,7 @@ def _build_dataset(ray: Any, spec: JobSpec, todo: list[Shard], job: dict[str, An
     from pipeline.replica import Replica, resolve_device
 
     stage = spec.stage
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar and summary replace its logs
     ctx = DataContext.get_current()
     ctx.target_max_block_size = None  # never split a block: a block is a shard, a shard is one commit
     ctx.enable_progress_bars = False

@@ -1,0 +1,72 @@
+"""The `shardwise` CLI: exit codes, one-paragraph errors, status and tasks output."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.cli import main
+from tests.helpers import job_dict, make_texts, write_texts_parquet
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "jobs" / "examples"
+
+
+def test_every_shipped_example_spec_validates():
+    specs = sorted(EXAMPLES.rglob("*.yaml"))
+    assert len(specs) >= 2
+    for path in specs:
+        assert main(["validate", str(path)]) == 0, path
+
+
+def test_spec_error_names_the_key_and_exits_2(tmp_path, capsys):
+    spec = job_dict(input_uri="in.parquet", output_uri="out", model="m")
+    spec["stages"][0]["batchsize"] = 8
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "stages[0].batchsize" in err and "did you mean 'batch_size'" in err
+    assert "Traceback" not in err
+
+
+def test_bad_override_value_names_the_key(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job_dict(input_uri="in.parquet", output_uri="out", model="m")))
+    assert main(["validate", str(path), "--set", "output.mode=append"]) == 2
+    assert "output.mode" in capsys.readouterr().err
+
+
+def test_tasks_lists_inputs_and_output_schema(capsys):
+    assert main(["tasks", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    tc = listing["text-classification"]
+    assert tc["inputs"] == {"text": "required", "text_pair": "optional"}
+    assert set(tc["output"]) == {"label", "score"}
+
+
+@pytest.mark.timeout(240)
+def test_run_then_status_then_error_rate_exit_code(ray_session, tiny_model, tmp_path, capsys):
+    texts: list = make_texts(80, seed=30)
+    write_texts_parquet(tmp_path / "in.parquet", texts)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job_dict(input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"),
+                                            model=str(tiny_model))))
+    assert main(["run", str(path), "--no-progress"]) == 0
+    assert "80 rows ok, 0 errors" in capsys.readouterr().out
+    assert main(["status", str(tmp_path / "out"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info == {**info, "state": "succeeded", "shards_done": 2, "shards_total": 2, "rows_ok": 80, "rows_error": 0}
+
+    texts[::4] = [None] * 20  # 25% bad rows against the default max_error_rate of 1%
+    write_texts_parquet(tmp_path / "bad.parquet", texts)
+    assert main(["run", str(path), "--no-progress", "--set", f"input.uri={tmp_path / 'bad.parquet'}",
+                 "--set", f"output.uri={tmp_path / 'out-bad'}"]) == 1
+    err = capsys.readouterr().err
+    # The job stops early once it can no longer pass, so the count covers the shards it ran.
+    assert re.search(r"\d+ of \d+ rows failed", err) and "max_error_rate" in err and "Traceback" not in err
+    assert main(["status", str(tmp_path / "out-bad")]) == 0
+    assert "failed" in capsys.readouterr().out
