@@ -104,7 +104,8 @@ class OutputDir:
             import os
 
             os.makedirs(posixpath.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            # A leading "." hides a temp file that a killed task leaves behind from Parquet readers of the output.
+            tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -113,19 +114,25 @@ class OutputDir:
         else:
             self.fs.pipe_file(path, data)  # one PUT: object stores make it visible whole or not at all
 
+    def _fresh(self, path: str) -> str:
+        """`path`, with the filesystem's cached listings of it dropped: workers in other processes write here,
+        and object-store filesystems (s3fs, gcsfs) keep listings per process, so a cached one can miss shards."""
+        self.fs.invalidate_cache(path)
+        return path
+
     def read_json(self, rel: str) -> Any | None:
         try:
-            with self.fs.open(self.path(rel), "rb") as f:
+            with self.fs.open(self._fresh(self.path(rel)), "rb") as f:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
 
     def exists(self, rel: str = "") -> bool:
-        return bool(self.fs.exists(self.path(rel) if rel else self.root))
+        return bool(self.fs.exists(self._fresh(self.path(rel) if rel else self.root)))
 
     def _listdir(self, rel: str) -> list[str]:
         try:
-            return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path(rel), detail=False)]
+            return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self._fresh(self.path(rel)), detail=False)]
         except FileNotFoundError:
             return []
 

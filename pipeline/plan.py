@@ -16,7 +16,9 @@ from typing import Any
 from pipeline.sources import Fragment
 from pipeline.spec import JobSpec, spec_to_dict
 
-__all__ = ["Shard", "fingerprint", "plan_shards"]
+__all__ = ["PLAN_VERSION", "Shard", "fingerprint", "plan_shards"]
+
+PLAN_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,11 @@ def plan_shards(spec: JobSpec, fragments: list[Fragment]) -> list[Shard]:
             continue
         by_bytes = max(1, int(spec.input.shard_bytes // max(frag.row_bytes, 1.0)))
         per_shard = min(spec.input.shard_rows, by_bytes)
-        # Equal-sized shards within a file (rather than full shards plus a runt) balance the replicas.
+        # Equal-sized shards within a file (rather than full shards plus a runt) balance the replicas: sizes
+        # differ by at most one row, and none exceeds per_shard.
         pieces = math.ceil(frag.num_rows / per_shard)
-        size = math.ceil(frag.num_rows / pieces)
-        for start in range(0, frag.num_rows, size):
-            ranges.append((frag, start, min(start + size, frag.num_rows)))
+        for i in range(pieces):
+            ranges.append((frag, i * frag.num_rows // pieces, (i + 1) * frag.num_rows // pieces))
     width = max(5, len(str(len(ranges))))
     return [Shard(str(i).zfill(width), frag, start, stop) for i, (frag, start, stop) in enumerate(ranges)]
 
@@ -65,6 +67,9 @@ def fingerprint(spec: JobSpec, fragments: list[Fragment], *, model_identity: dic
     stage = spec.stage
     parts = {
         "shardwise": __version__,
+        # Bump when the shard boundaries for the same input change: committed shards of an older plan
+        # must not be mixed with new ones.
+        "plan": PLAN_VERSION,
         "input": {
             "format": spec.input.resolved_format(),
             "id_column": spec.input.id_column,
@@ -75,9 +80,20 @@ def fingerprint(spec: JobSpec, fragments: list[Fragment], *, model_identity: dic
         },
         "task": stage.task,
         "inputs": stage.inputs,
-        "params": spec_to_dict(stage.params),
+        "params": _parsed_params(stage.task, stage.params),
         "dtype": stage.dtype,
         "model": model_identity,
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return digest, parts
+
+
+def _parsed_params(task_name: str, params: dict[str, Any]) -> Any:
+    """Params as the task parses them, so `{}` and `{top_k: 1}` (the default) are the same job."""
+    from models.registry import get_task
+
+    try:
+        task = get_task(task_name)
+    except KeyError:  # not a validated spec (the task part of the fingerprint differs anyway)
+        return spec_to_dict(params)
+    return spec_to_dict(task.parse_params(params, key="stages[0].params"))

@@ -240,9 +240,10 @@ def read_range(spec: InputSpec, fragment: Fragment, start: int, stop: int, *, co
     fmt = spec.resolved_format()
     cols = list(dict.fromkeys(columns)) if columns is not None else None
     # Ids come from the id column even when the caller did not ask for it (it is dropped again below).
-    extra_id = cols is not None and spec.id_column is not None and spec.id_column not in cols
-    if extra_id:
-        cols.append(spec.id_column)
+    extra_id = None
+    if cols is not None and spec.id_column is not None and spec.id_column not in cols:
+        extra_id = spec.id_column
+        cols.append(extra_id)
     errors: list[str | None] | None = None
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -250,12 +251,13 @@ def read_range(spec: InputSpec, fragment: Fragment, start: int, stop: int, *, co
         with fs.open(fragment.path, "rb") as f:
             pf = pq.ParquetFile(f)
             _check_columns(pf.schema_arrow.names, cols, fragment)
-            groups, first, pos = [], None, 0
+            groups: list[int] = []
+            first = pos = 0  # first: the file row where the first read row group starts
             for i in range(pf.metadata.num_row_groups):
                 n = pf.metadata.row_group(i).num_rows
                 if pos + n > start and pos < stop:
+                    first = pos if not groups else first
                     groups.append(i)
-                    first = pos if first is None else first
                 pos += n
             table = pf.read_row_groups(groups, columns=cols) if groups else pf.schema_arrow.empty_table()
             if groups:
@@ -288,8 +290,8 @@ def read_range(spec: InputSpec, fragment: Fragment, start: int, stop: int, *, co
         ids = pa.array([f"{fragment.rel}:{start + i}" if v is None else str(v) for i, v in enumerate(values)], pa.string())
     else:
         ids = pa.array([f"{fragment.rel}:{r}" for r in range(start, start + n)], pa.string())
-    if extra_id:
-        table = table.drop_columns([spec.id_column])
+    if extra_id is not None:
+        table = table.drop_columns([extra_id])
     table = table.append_column(ID, ids).append_column(ROW, rows)
     return table.append_column(READ_ERROR, pa.array(errors if errors is not None else [None] * n, pa.string()))
 
@@ -330,7 +332,7 @@ def _read_jsonl(fs: Any, fragment: Fragment, start: int, stop: int, cols: list[s
                     errors.append(None)
                 except ValueError as e:
                     records.append({})
-                    errors.append(f"line {row + 1}: {e}")
+                    errors.append(f"row {row} (blank lines not counted): {e}")
             row += 1
     if cols is None:
         cols = list(dict.fromkeys(k for r in records for k in r))

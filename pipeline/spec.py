@@ -150,16 +150,15 @@ class JobSpec:
         return self.stages[0]
 
 
-def format_from_uri(uri: str) -> str:
-    base = uri.rstrip("/").split("?")[0].lower()
-    for suffix, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
-                        (".json", "jsonl"), (".csv", "csv"), (".tsv", "csv"), (".arrow", "hf")):
-        if base.endswith(suffix) or base.endswith(suffix + ".gz") or base.endswith(suffix + ".bz2"):
-            return fmt
-    raise SpecError(
-        "input.format",
-        f"cannot tell the format of {uri!r} from its name; set input.format to one of {list(FORMATS)}",
-    )
+def format_from_uri(uri: str, *, key: str = "input.format") -> str:
+    path = uri.rstrip("/").lower()
+    # "?" starts a query (s3://b/x.parquet?versionId=1) or is a glob wildcard (data/part-?.parquet).
+    for base in (path, path.split("?")[0]):
+        for suffix, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
+                            (".json", "jsonl"), (".csv", "csv"), (".tsv", "csv"), (".arrow", "hf")):
+            if base.endswith(suffix) or base.endswith(suffix + ".gz") or base.endswith(suffix + ".bz2"):
+                return fmt
+    raise SpecError(key, f"cannot tell the format of {uri!r} from its name; set {key} to one of {list(FORMATS)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,9 +205,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except SpecError as e:
                 errors.append(e)
-        for e in errors:
-            if e.key != key:  # the value had this arm's shape (a mapping, a list); the mistake is inside it
-                raise e
+        for inner in errors:
+            if inner.key != key:  # the value had this arm's shape (a mapping, a list); the mistake is inside it
+                raise inner
         raise SpecError(key, f"got {value!r}; expected {_type_name(tp)}")
     if tp is type(None):
         if value is None:
@@ -329,6 +328,8 @@ def _validate(spec: JobSpec) -> JobSpec:
         _positive("train.max_length", t.max_length)
         if not 0.0 <= t.eval_fraction < 1.0:
             raise SpecError("train.eval_fraction", f"must be in [0, 1), got {t.eval_fraction}")
+        if t.eval_input is not None and t.eval_input.format is None:
+            format_from_uri(t.eval_input.uri, key="train.eval_input.format")
         if spec.output.mode == "resume":
             # A fine-tune writes one model folder; "resume" has no meaning for it beyond refusing to clobber.
             pass

@@ -32,7 +32,12 @@ def s3_server() -> Iterator[dict[str, str]]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    info = {"endpoint_url": f"http://{host}:{port}", "key": _S3_KEY, "secret": _S3_SECRET, "region": "us-east-1"}
+    info = {
+        "endpoint_url": f"http://{host}:{port}",
+        "key": _S3_KEY,
+        "secret": _S3_SECRET,
+        "region": "us-east-1",
+    }
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ACCESS_KEY_ID", _S3_KEY)
         mp.setenv("AWS_SECRET_ACCESS_KEY", _S3_SECRET)

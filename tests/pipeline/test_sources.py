@@ -30,15 +30,17 @@ ENGINE = [ID, ROW, READ_ERROR]
 
 
 def _rows(n: int, *, first: int = 0) -> pa.Table:
-    return pa.table({
-        "id": pa.array(range(first, first + n), pa.int64()),
-        "text": [f"text {i}" for i in range(first, first + n)],
-        "score": [i / 2 for i in range(first, first + n)],
-    })
+    return pa.table(
+        {
+            "id": pa.array(range(first, first + n), pa.int64()),
+            "text": [f"text {i}" for i in range(first, first + n)],
+            "score": [i / 2 for i in range(first, first + n)],
+        }
+    )
 
 
 def _write_jsonl(path: Path, rows: list[Any], *, raw_lines: dict[int, str] | None = None) -> Path:
-    """One JSON object per line; raw_lines replaces line i with text as is (broken or blank lines)."""
+    """One JSON object per line; raw_lines[i] is inserted as is as line i (broken or blank lines)."""
     lines = [json.dumps(r) for r in rows]
     for i, text in sorted((raw_lines or {}).items()):
         lines.insert(i, text)
@@ -116,7 +118,11 @@ def test_parquet_glob(tmp_path: Path) -> None:
         pq.write_table(_rows(n), root / f"part-{i}.parquet")
     pq.write_table(_rows(9), root / "other.parquet")
     frags = list_fragments(InputSpec(uri=str(root / "part-*.parquet")))
-    assert [(f.rel, f.num_rows) for f in frags] == [("part-0.parquet", 2), ("part-1.parquet", 3), ("part-2.parquet", 4)]
+    assert [(f.rel, f.num_rows) for f in frags] == [
+        ("part-0.parquet", 2),
+        ("part-1.parquet", 3),
+        ("part-2.parquet", 4),
+    ]
 
 
 def test_glob_in_a_directory_name_gives_names_relative_to_the_fixed_part(tmp_path: Path) -> None:
@@ -271,7 +277,8 @@ def test_hf_dataset_dict_names_its_splits(tmp_path: Path) -> None:
     import datasets
 
     dd = datasets.DatasetDict(
-        train=datasets.Dataset.from_dict(_rows(3).to_pydict()), test=datasets.Dataset.from_dict(_rows(2).to_pydict())
+        train=datasets.Dataset.from_dict(_rows(3).to_pydict()),
+        test=datasets.Dataset.from_dict(_rows(2).to_pydict()),
     )
     dd.save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(SourceError) as info:
@@ -296,7 +303,9 @@ def test_jsonl_rows_blank_lines_and_broken_lines(tmp_path: Path) -> None:
     """Blank lines are not rows; a broken line is a row with `__read_error`; its neighbours are intact."""
     rows = [{"id": i, "text": f"t{i}"} for i in range(6)]
     # Line layout: t0, <blank>, t1, t2, {broken, t3, <spaces>, [list], t4, t5
-    path = _write_jsonl(tmp_path / "in.jsonl", rows, raw_lines={1: "", 4: '{"id": 99, "text": ', 6: "   ", 7: "[1, 2]"})
+    path = _write_jsonl(
+        tmp_path / "in.jsonl", rows, raw_lines={1: "", 4: '{"id": 99, "text": ', 6: "   ", 7: "[1, 2]"}
+    )
     spec = InputSpec(uri=str(path))
     [frag] = list_fragments(spec)
     assert frag.num_rows == 8  # 6 objects + the broken line + the list line
@@ -312,7 +321,9 @@ def test_jsonl_rows_blank_lines_and_broken_lines(tmp_path: Path) -> None:
 @pytest.mark.parametrize("shard_rows", [1, 2, 3, 4, 7])
 def test_jsonl_seeking_matches_a_full_read_for_every_range(tmp_path: Path, shard_rows: int) -> None:
     """Offsets let a shard seek to its rows; the rows are the same as reading the file from the start."""
-    rows = [{"id": i, "text": "é" * (i % 4) + f"row {i}"} for i in range(13)]  # multi-byte text: offsets are bytes
+    rows = [
+        {"id": i, "text": "é" * (i % 4) + f"row {i}"} for i in range(13)
+    ]  # multi-byte text: offsets are bytes
     path = _write_jsonl(tmp_path / "in.jsonl", rows, raw_lines={0: "", 5: "", 6: "{oops", 11: "\t"})
     spec = InputSpec(uri=str(path), shard_rows=shard_rows)
     [frag] = list_fragments(spec)
@@ -357,7 +368,9 @@ def test_jsonl_mixed_types_make_the_odd_rows_bad(tmp_path: Path) -> None:
     ],
     ids=["struct", "list", "overflow"],
 )
-def test_jsonl_values_arrow_cannot_mix_are_bad_rows_not_a_failed_shard(tmp_path: Path, values: list[Any]) -> None:
+def test_jsonl_values_arrow_cannot_mix_are_bad_rows_not_a_failed_shard(
+    tmp_path: Path, values: list[Any]
+) -> None:
     """Bad rows never stop a job: the odd value is an error row, the others are read."""
     got, errors = _read_column(tmp_path, values)
     assert [e is not None for e in errors] == [False, True, False]
@@ -508,7 +521,9 @@ def _parquet_bytes(table: pa.Table, **kw: Any) -> bytes:
 
 
 def test_s3_parquet_directory(s3_bucket: str, s3_storage_options: dict[str, Any]) -> None:
-    _s3_put(s3_storage_options, f"{s3_bucket}/in/b.parquet", _parquet_bytes(_rows(6, first=4), row_group_size=2))
+    _s3_put(
+        s3_storage_options, f"{s3_bucket}/in/b.parquet", _parquet_bytes(_rows(6, first=4), row_group_size=2)
+    )
     _s3_put(s3_storage_options, f"{s3_bucket}/in/a.parquet", _parquet_bytes(_rows(4)))
     _s3_put(s3_storage_options, f"{s3_bucket}/in/_SUCCESS", b"")
     spec = InputSpec(uri=f"s3://{s3_bucket}/in", format="parquet", storage_options=s3_storage_options)
