@@ -56,7 +56,7 @@ def plan_shards(spec: JobSpec, fragments: list[Fragment]) -> list[Shard]:
         for i in range(pieces):
             ranges.append((frag, i * frag.num_rows // pieces, (i + 1) * frag.num_rows // pieces))
     width = max(5, len(str(len(ranges))))
-    return [Shard(str(i).zfill(width), frag, start, stop) for i, (frag, start, stop) in enumerate(ranges)]
+    return [Shard(str(i).zfill(width), frag.for_rows(start), start, stop) for i, (frag, start, stop) in enumerate(ranges)]
 
 
 def fingerprint(spec: JobSpec, fragments: list[Fragment], *, model_identity: dict[str, Any]) -> tuple[str, dict[str, Any]]:

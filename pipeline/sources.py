@@ -13,6 +13,7 @@ set and becomes an error record downstream.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 import re
@@ -56,6 +57,16 @@ class Fragment:
     # For jsonl: byte offset of every `offset_every`-th row, so shards seek instead of scanning.
     offsets: tuple[int, ...] = ()
     offset_every: int = 0
+    # Index of offsets[0] among all anchors: a shard carries only the anchor it needs (see `for_rows`).
+    offsets_base: int = 0
+
+    def for_rows(self, start: int) -> Fragment:
+        """This fragment as a shard starting at row `start` needs it: one seek offset, not the whole list
+        (a 10M-row file has ~10k anchors, which would otherwise travel with every shard)."""
+        if not self.offsets or not self.offset_every:
+            return self
+        anchor = start // self.offset_every
+        return dataclasses.replace(self, offsets=(self.offsets[anchor - self.offsets_base],), offsets_base=anchor)
 
 
 def _fs(spec: InputSpec) -> tuple[Any, str]:
@@ -316,7 +327,7 @@ def _read_jsonl(fs: Any, fragment: Fragment, start: int, stop: int, cols: list[s
     with fs.open(fragment.path, "rb", compression=compression) as f:
         row = 0
         if fragment.offsets and compression is None:
-            f.seek(fragment.offsets[anchor])
+            f.seek(fragment.offsets[anchor - fragment.offsets_base])
             row = anchor * fragment.offset_every
         for line in f:
             if not line.strip():
