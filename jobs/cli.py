@@ -19,16 +19,29 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shardwise", description="Run Transformer tasks over big datasets on Ray.")
+    p = argparse.ArgumentParser(
+        prog="shardwise", description="Run Transformer tasks over big datasets on Ray."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) a job spec")
     run.add_argument("spec", help="job spec YAML")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                     help="override a spec key, e.g. --set stages.0.batch_size=64 (repeatable)")
-    run.add_argument("--address", default=None,
-                     help="Ray cluster to join (e.g. auto, ray://host:10001); default: an embedded local cluster")
-    run.add_argument("--overwrite", action="store_true", help="discard existing output and recompute everything")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a spec key, e.g. --set stages.0.batch_size=64 (repeatable)",
+    )
+    run.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (e.g. auto, ray://host:10001); default: an embedded local cluster",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="discard existing output and recompute everything"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     status = sub.add_parser("status", help="state of a job's output directory")
@@ -88,9 +101,11 @@ def _run(args: argparse.Namespace) -> int:
 
         ft = run_finetune(spec, address=args.address, progress=not args.no_progress, overwrite=args.overwrite)
         last = ft.metrics[-1] if ft.metrics else {}
-        print(f"fine-tuned {spec.stage.model} → {ft.output_uri} in {ft.wall_s:.1f} s "
-              f"({ft.train_rows} train / {ft.eval_rows} eval rows, {ft.epochs} epochs; "
-              f"eval accuracy {last.get('eval_accuracy', float('nan')):.4f})")
+        print(
+            f"fine-tuned {spec.stage.model} → {ft.output_uri} in {ft.wall_s:.1f} s "
+            f"({ft.train_rows} train / {ft.eval_rows} eval rows, {ft.epochs} epochs; "
+            f"eval accuracy {last.get('eval_accuracy', float('nan')):.4f})"
+        )
         return 0
     from jobs.inference import run
 
@@ -110,7 +125,9 @@ def _status(args: argparse.Namespace) -> int:
     out = OutputDir(args.output)
     manifest = out.read_json("_manifest.json")
     if manifest is None:
-        raise OutputError(f"{args.output!r} has no _manifest.json: it is not a shardwise output (or the job never started)")
+        raise OutputError(
+            f"{args.output!r} has no _manifest.json: it is not a shardwise output (or the job never started)"
+        )
     done = out.committed()
     state = manifest["state"]
     if state == "running":
@@ -132,8 +149,10 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
     else:
-        print(f"{info['name']}: {state}; shards {info['shards_done']}/{info['shards_total']}; "
-              f"rows ok {info['rows_ok']}, errors {info['rows_error']}; runs {info['runs']}")
+        print(
+            f"{info['name']}: {state}; shards {info['shards_done']}/{info['shards_total']}; "
+            f"rows ok {info['rows_ok']}, errors {info['rows_error']}; runs {info['runs']}"
+        )
         if info["reason"]:
             print(f"reason: {info['reason']}")
     return 0

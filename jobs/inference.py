@@ -1,8 +1,8 @@
 """Inference job entry point: what `shardwise run` calls for `kind: inference`, usable from Python too.
 
-    from jobs.inference import run
-    from pipeline.spec import load_spec
-    result = run(load_spec("jobs/examples/rt-sentiment.yaml"))
+from jobs.inference import run
+from pipeline.spec import load_spec
+result = run(load_spec("jobs/examples/rt-sentiment.yaml"))
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ from pipeline.spec import JobSpec
 __all__ = ["run"]
 
 
-def run(spec: JobSpec, *, address: str | None = None, overwrite: bool = False, progress: bool = True) -> JobResult:
+def run(
+    spec: JobSpec, *, address: str | None = None, overwrite: bool = False, progress: bool = True
+) -> JobResult:
     """Run or resume `spec` to completion; raises a ShardwiseError subclass with the reason otherwise."""
     if spec.kind != "inference":
         from pipeline.errors import SpecError
 
-        raise SpecError("kind", f"jobs.inference.run takes kind: inference, got {spec.kind!r}; use jobs.finetune")
+        raise SpecError(
+            "kind", f"jobs.inference.run takes kind: inference, got {spec.kind!r}; use jobs.finetune"
+        )
     return run_inference(spec, address=address, overwrite=overwrite, progress=progress)

@@ -34,10 +34,12 @@ def _is_remote(uri: str) -> bool:
 
 
 def _local_path(uri: str) -> Path:
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
+    return Path(uri[len("file://") :] if uri.startswith("file://") else uri).expanduser()
 
 
-def resolve_model(uri: str, *, revision: str | None = None, storage_options: dict[str, Any] | None = None) -> str:
+def resolve_model(
+    uri: str, *, revision: str | None = None, storage_options: dict[str, Any] | None = None
+) -> str:
     """A path (or hub id) that `from_pretrained` can load."""
     if _is_remote(uri):
         return _fetch_remote(uri, storage_options or {})
@@ -64,8 +66,12 @@ def _fetch_remote(uri: str, storage_options: dict[str, Any]) -> str:
     if not listing:
         raise ModelError(f"model {uri!r} is empty or does not exist")
     key = hashlib.sha256(
-        json.dumps([(p, info.get("size"), str(info.get("ETag") or info.get("etag") or info.get("mtime")))
-                    for p, info in listing]).encode()
+        json.dumps(
+            [
+                (p, info.get("size"), str(info.get("ETag") or info.get("etag") or info.get("mtime")))
+                for p, info in listing
+            ]
+        ).encode()
     ).hexdigest()[:16]
     dest = cache_dir() / "models" / key
     with FileLock(str(dest) + ".lock"):
@@ -96,7 +102,9 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_identity(uri: str, *, revision: str | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def model_identity(
+    uri: str, *, revision: str | None = None, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What identifies a model's outputs, for the job fingerprint: content hashes of local files, the
     listing (sizes + etags) of remote ones, or the hub id + revision."""
     if _is_remote(uri):
@@ -104,14 +112,24 @@ def model_identity(uri: str, *, revision: str | None = None, storage_options: di
 
         fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         listing = sorted(fs.find(root, detail=True).items())
-        return {"uri": uri, "files": {os.path.relpath(p, root.rstrip("/")): [i.get("size"), str(i.get("ETag") or i.get("etag") or "")]
-                                       for p, i in listing}}
+        return {
+            "uri": uri,
+            "files": {
+                os.path.relpath(p, root.rstrip("/")): [
+                    i.get("size"),
+                    str(i.get("ETag") or i.get("etag") or ""),
+                ]
+                for p, i in listing
+            },
+        }
     path = _local_path(uri)
     if path.is_dir():
         files = {
             str(p.relative_to(path)): _sha256_file(p)
             for p in sorted(path.rglob("*"))
-            if p.is_file() and p.suffix in _IDENTITY_SUFFIXES and not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts)
+            if p.is_file()
+            and p.suffix in _IDENTITY_SUFFIXES
+            and not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts)
         }
         return {"uri": str(path.resolve()), "files": files}
     return {"hub_id": uri, "revision": revision or "main"}

@@ -59,8 +59,9 @@ class Runner(Protocol):
 class Postprocessor(Protocol):
     """CPU side: raw outputs (+ the row's inputs and features) → output fields following `output_schema`."""
 
-    def __call__(self, output: Mapping[str, Any], *, inputs: Mapping[str, Any],
-                 features: Mapping[str, Any]) -> dict[str, Any]: ...
+    def __call__(
+        self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]
+    ) -> dict[str, Any]: ...
 
 
 class Task(Protocol):
@@ -89,7 +90,9 @@ class Task(Protocol):
 def register_task(name: str) -> Callable[[type], type]:
     def deco(cls: type) -> type:
         if name in _TASKS:
-            raise ValueError(f"task {name!r} is registered twice ({type(_TASKS[name]).__module__} and {cls.__module__})")
+            raise ValueError(
+                f"task {name!r} is registered twice ({type(_TASKS[name]).__module__} and {cls.__module__})"
+            )
         cls.name = name  # type: ignore[attr-defined]
         _TASKS[name] = cls()
         return cls
@@ -122,10 +125,16 @@ def check_inputs(task: Task, inputs: Mapping[str, str], *, key: str) -> None:
     """Shared validation of a stage's `inputs` mapping (task input → column)."""
     unknown = sorted(set(inputs) - set(task.inputs))
     if unknown:
-        raise SpecError(f"{key}.{unknown[0]}", f"task {task.name!r} has no input {unknown[0]!r}; its inputs: {sorted(task.inputs)}")
+        raise SpecError(
+            f"{key}.{unknown[0]}",
+            f"task {task.name!r} has no input {unknown[0]!r}; its inputs: {sorted(task.inputs)}",
+        )
     for name, required in task.inputs.items():
         if required and name not in inputs:
-            raise SpecError(f"{key}.{name}", f"task {task.name!r} needs input {name!r}: map it to a column, e.g. inputs: {{{name}: <column>}}")
+            raise SpecError(
+                f"{key}.{name}",
+                f"task {task.name!r} needs input {name!r}: map it to a column, e.g. inputs: {{{name}: <column>}}",
+            )
 
 
 def parse_params_dataclass(cls: type, params: Mapping[str, Any], *, key: str) -> Any:

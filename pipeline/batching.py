@@ -15,7 +15,9 @@ from typing import Any
 __all__ = ["BatchResult", "is_oom", "plan_micro_batches", "run_micro_batches"]
 
 
-def plan_micro_batches(lengths: Sequence[int], *, batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+def plan_micro_batches(
+    lengths: Sequence[int], *, batch_size: int, max_tokens: int | None = None
+) -> list[list[int]]:
     """Row indices grouped into micro-batches, longest first.
 
     Sorting by length makes each batch's padded length close to its rows' lengths, which is where most

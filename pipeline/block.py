@@ -17,7 +17,18 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-__all__ = ["ERR_MSG", "ERR_STAGE", "ERR_TYPE", "FEATURE", "ID", "OUTPUT", "READ_ERROR", "ROW", "SHARD", "set_errors"]
+__all__ = [
+    "ERR_MSG",
+    "ERR_STAGE",
+    "ERR_TYPE",
+    "FEATURE",
+    "ID",
+    "OUTPUT",
+    "READ_ERROR",
+    "ROW",
+    "SHARD",
+    "set_errors",
+]
 
 SHARD = "__shard"
 ID = "__id"

@@ -60,8 +60,9 @@ class ShardRecord:
 class OutputDir:
     """One job's output location. Picklable (only the URI and options), so workers can commit."""
 
-    def __init__(self, uri: str, *, storage_options: dict[str, Any] | None = None,
-                 compression: str = "zstd") -> None:
+    def __init__(
+        self, uri: str, *, storage_options: dict[str, Any] | None = None, compression: str = "zstd"
+    ) -> None:
         self.uri = uri.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.compression = compression
@@ -71,7 +72,9 @@ class OutputDir:
         return {"uri": self.uri, "storage_options": self.storage_options, "compression": self.compression}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["uri"], storage_options=state["storage_options"], compression=state["compression"])  # type: ignore[misc]
+        OutputDir.__init__(
+            self, state["uri"], storage_options=state["storage_options"], compression=state["compression"]
+        )
 
     # -- filesystem ------------------------------------------------------------------------------------
     @property
@@ -105,7 +108,9 @@ class OutputDir:
 
             os.makedirs(posixpath.dirname(path), exist_ok=True)
             # A leading "." hides a temp file that a killed task leaves behind from Parquet readers of the output.
-            tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+            tmp = posixpath.join(
+                posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}"
+            )
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -132,7 +137,10 @@ class OutputDir:
 
     def _listdir(self, rel: str) -> list[str]:
         try:
-            return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self._fresh(self.path(rel)), detail=False)]
+            return [
+                posixpath.basename(p.rstrip("/"))
+                for p in self.fs.ls(self._fresh(self.path(rel)), detail=False)
+            ]
         except FileNotFoundError:
             return []
 
@@ -140,8 +148,13 @@ class OutputDir:
         return bool(self._listdir("")) if self.exists() else False
 
     # -- driver side -----------------------------------------------------------------------------------
-    def prepare(self, *, fingerprint: str, parts: dict[str, Any],
-                mode: Literal["resume", "overwrite", "error-if-exists"]) -> dict[str, ShardRecord]:
+    def prepare(
+        self,
+        *,
+        fingerprint: str,
+        parts: dict[str, Any],
+        mode: Literal["resume", "overwrite", "error-if-exists"],
+    ) -> dict[str, ShardRecord]:
         """Check the output against the job and return the shards already committed (resume)."""
         if mode == "error-if-exists" and self.has_content():
             raise OutputError(
@@ -167,8 +180,15 @@ class OutputDir:
             return {}
         if manifest.get("fingerprint") != fingerprint:
             before = manifest.get("fingerprint_parts") or {}
-            changed = ", ".join(k for k in parts if json.dumps(before.get(k), sort_keys=True, default=str)
-                                != json.dumps(parts[k], sort_keys=True, default=str)) or "job"
+            changed = (
+                ", ".join(
+                    k
+                    for k in parts
+                    if json.dumps(before.get(k), sort_keys=True, default=str)
+                    != json.dumps(parts[k], sort_keys=True, default=str)
+                )
+                or "job"
+            )
             raise FingerprintMismatch(
                 f"output.uri {self.uri!r} holds results of a different job (fingerprint "
                 f"{str(manifest.get('fingerprint'))[:12]}… vs this job's {fingerprint[:12]}…: the {changed} "
@@ -203,12 +223,16 @@ class OutputDir:
             self.fs.rm(self.path(SUCCESS))
 
     # -- worker side -----------------------------------------------------------------------------------
-    def commit_shard(self, shard_id: str, *, run_id: str, predictions: pa.Table, errors: pa.Table) -> ShardRecord:
+    def commit_shard(
+        self, shard_id: str, *, run_id: str, predictions: pa.Table, errors: pa.Table
+    ) -> ShardRecord:
         """Write one shard's files, then its commit record. Safe to repeat (same names, same content)."""
         data = _parquet_bytes(predictions, self.compression)
         self.write_bytes(f"part-{shard_id}.parquet", data)
         if errors.num_rows:
-            self.write_bytes(posixpath.join(ERRORS, f"part-{shard_id}.parquet"), _parquet_bytes(errors, self.compression))
+            self.write_bytes(
+                posixpath.join(ERRORS, f"part-{shard_id}.parquet"), _parquet_bytes(errors, self.compression)
+            )
         record = ShardRecord(
             shard_id=shard_id,
             run_id=run_id,

@@ -27,7 +27,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.block import ERR_MSG, ERR_STAGE, ERR_TYPE, FEATURE, ID, OUTPUT, READ_ERROR, ROW, SHARD, set_errors
+from pipeline.block import (
+    ERR_MSG,
+    ERR_STAGE,
+    ERR_TYPE,
+    FEATURE,
+    ID,
+    OUTPUT,
+    READ_ERROR,
+    ROW,
+    SHARD,
+    set_errors,
+)
 from pipeline.commit import ERROR_SCHEMA, OutputDir, ShardRecord
 from pipeline.errors import ErrorRateExceeded, JobFailed, ShardwiseError, SpecError
 from pipeline.plan import Shard, fingerprint, plan_shards
@@ -60,7 +71,9 @@ class JobResult:
 
     @property
     def rows_per_s(self) -> float:
-        run_rows = sum(r["rows_in"] for r in self.manifest.get("shards", {}).values() if r["run_id"] == self.run_id)
+        run_rows = sum(
+            r["rows_in"] for r in self.manifest.get("shards", {}).values() if r["run_id"] == self.run_id
+        )
         return run_rows / self.wall_s if self.wall_s > 0 else 0.0
 
 
@@ -93,8 +106,15 @@ def init_ray(*, address: str | None, num_cpus: int | None = None, num_gpus: int 
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
     else:
         # address="local" always starts a new cluster; plain init() would join a stale one from a file.
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                 runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            runtime_env=env,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -124,10 +144,18 @@ def _postprocessor(task_name: str, model: str, revision: str | None, options: st
 def _stage_key(stage: StageSpec) -> tuple[str, str, str | None, str, str]:
     from pipeline.spec import spec_to_dict
 
-    return (stage.task, stage.model, stage.revision, json.dumps({}), json.dumps(spec_to_dict(stage.params), sort_keys=True))
+    return (
+        stage.task,
+        stage.model,
+        stage.revision,
+        json.dumps({}),
+        json.dumps(spec_to_dict(stage.params), sort_keys=True),
+    )
 
 
-def _isolate(fn: Callable[[dict[str, list[Any]]], list[Any]], columns: dict[str, list[Any]], n: int) -> list[Any]:
+def _isolate(
+    fn: Callable[[dict[str, list[Any]]], list[Any]], columns: dict[str, list[Any]], n: int
+) -> list[Any]:
     """Run a batched row function; if the batch raises, rerun row by row so one bad row costs only itself."""
     try:
         out = fn(columns)
@@ -140,7 +168,7 @@ def _isolate(fn: Callable[[dict[str, list[Any]]], list[Any]], columns: dict[str,
         results = []
         for i in range(n):
             try:
-                results.extend(fn({k: v[i:i + 1] for k, v in columns.items()}))
+                results.extend(fn({k: v[i : i + 1] for k, v in columns.items()}))
             except Exception as e:  # noqa: BLE001
                 from models.registry import RowError
 
@@ -209,7 +237,11 @@ def postprocess_commit(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
         outputs = decode_tensors(table, prefix=OUTPUT)
         features = decode_tensors(table, prefix=FEATURE)
         stages = table.column(ERR_STAGE).to_pylist()
-        inputs = {name: table.column(col).to_pylist() for name, col in stage.inputs.items() if name in task.postprocess_inputs}
+        inputs = {
+            name: table.column(col).to_pylist()
+            for name, col in stage.inputs.items()
+            if name in task.postprocess_inputs
+        }
         preds: list[dict[str, Any]] = []
         ok_idx: list[int] = []
         errors: list[tuple[str, str] | None] = [None] * table.num_rows
@@ -220,7 +252,9 @@ def postprocess_commit(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
                 errors[i] = ("MissingOutput", "the replica returned no output for this row")
                 continue
             try:
-                row = postprocess(outputs[i], inputs={k: v[i] for k, v in inputs.items()}, features=features[i] or {})
+                row = postprocess(
+                    outputs[i], inputs={k: v[i] for k, v in inputs.items()}, features=features[i] or {}
+                )
             except Exception as e:  # noqa: BLE001
                 errors[i] = (type(e).__name__, str(e) or repr(e))
                 continue
@@ -230,15 +264,24 @@ def postprocess_commit(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
         predictions = _predictions_table(table.take(ok_idx), preds, schema, job)
         error_rows = table.filter(pa.compute.is_valid(table.column(ERR_STAGE)))
         errors_table = pa.table(
-            [error_rows.column(ID), error_rows.column(ERR_STAGE), error_rows.column(ERR_TYPE), error_rows.column(ERR_MSG)],
+            [
+                error_rows.column(ID),
+                error_rows.column(ERR_STAGE),
+                error_rows.column(ERR_TYPE),
+                error_rows.column(ERR_MSG),
+            ],
             schema=ERROR_SCHEMA,
         )
-        rec = out_dir.commit_shard(shard_id, run_id=job["run_id"], predictions=predictions, errors=errors_table)
+        rec = out_dir.commit_shard(
+            shard_id, run_id=job["run_id"], predictions=predictions, errors=errors_table
+        )
         records.append(rec.__dict__)
     return pa.Table.from_pylist(records)
 
 
-def _predictions_table(rows: pa.Table, preds: list[dict[str, Any]], schema: pa.Schema, job: dict[str, Any]) -> pa.Table:
+def _predictions_table(
+    rows: pa.Table, preds: list[dict[str, Any]], schema: pa.Schema, job: dict[str, Any]
+) -> pa.Table:
     columns: dict[str, pa.Array] = {}
     id_column = job["id_column"]
     if id_column is None:
@@ -275,20 +318,42 @@ def _check_columns(spec: JobSpec, schema: pa.Schema, output_schema: pa.Schema) -
     names = set(schema.names)
     for task_input, col in spec.stage.inputs.items():
         if col not in names:
-            raise SpecError(f"stages[0].inputs.{task_input}", f"column {col!r} is not in the input; its columns: {schema.names}")
+            raise SpecError(
+                f"stages[0].inputs.{task_input}",
+                f"column {col!r} is not in the input; its columns: {schema.names}",
+            )
     if spec.input.id_column and spec.input.id_column not in names:
-        raise SpecError("input.id_column", f"column {spec.input.id_column!r} is not in the input; its columns: {schema.names}")
+        raise SpecError(
+            "input.id_column",
+            f"column {spec.input.id_column!r} is not in the input; its columns: {schema.names}",
+        )
     for col in spec.input.kept():
         if col not in names:
-            raise SpecError("input.keep_columns", f"column {col!r} is not in the input; its columns: {schema.names}")
+            raise SpecError(
+                "input.keep_columns", f"column {col!r} is not in the input; its columns: {schema.names}"
+            )
         if col in output_schema.names:
-            raise SpecError("input.keep_columns", f"column {col!r} clashes with the task's output field of the same name; drop it from keep_columns")
+            raise SpecError(
+                "input.keep_columns",
+                f"column {col!r} clashes with the task's output field of the same name; drop it from keep_columns",
+            )
     if spec.input.id_column is None and "id" in spec.input.kept():
-        raise SpecError("input.keep_columns", "keeps a column named 'id' but input.id_column is not set; set input.id_column: id")
+        raise SpecError(
+            "input.keep_columns",
+            "keeps a column named 'id' but input.id_column is not set; set input.id_column: id",
+        )
 
 
-def _manifest(spec: JobSpec, fp: str, parts: dict[str, Any], state: str, shards_total: int,
-              records: Mapping[str, ShardRecord], runs: list[dict[str, Any]], reason: str | None = None) -> dict[str, Any]:
+def _manifest(
+    spec: JobSpec,
+    fp: str,
+    parts: dict[str, Any],
+    state: str,
+    shards_total: int,
+    records: Mapping[str, ShardRecord],
+    runs: list[dict[str, Any]],
+    reason: str | None = None,
+) -> dict[str, Any]:
     rows_in = sum(r.rows_in for r in records.values())
     rows_error = sum(r.rows_error for r in records.values())
     return {
@@ -331,8 +396,14 @@ def _root_cause(exc: BaseException) -> BaseException:
     return best
 
 
-def run_inference(spec: JobSpec, *, address: str | None = None, overwrite: bool = False,
-                  progress: bool = True, max_shards: int | None = None) -> JobResult:
+def run_inference(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_shards: int | None = None,
+) -> JobResult:
     """Run (or resume) an inference job to completion. Raises ShardwiseError subclasses on failure."""
     import ray
 
@@ -347,10 +418,14 @@ def run_inference(spec: JobSpec, *, address: str | None = None, overwrite: bool 
 
     fragments = list_fragments(spec.input)
     _check_columns(spec, input_schema(spec.input, fragments[0]), output_schema)
-    fp, parts = fingerprint(spec, fragments, model_identity=model_identity(stage.model, revision=stage.revision))
+    fp, parts = fingerprint(
+        spec, fragments, model_identity=model_identity(stage.model, revision=stage.revision)
+    )
     shards = plan_shards(spec, fragments)
 
-    out = OutputDir(spec.output.uri, storage_options=spec.output.storage_options, compression=spec.output.compression)
+    out = OutputDir(
+        spec.output.uri, storage_options=spec.output.storage_options, compression=spec.output.compression
+    )
     mode = "overwrite" if overwrite else spec.output.mode
     committed = out.prepare(fingerprint=fp, parts=parts, mode=mode)
     previous = out.read_json("_manifest.json") or {}
@@ -360,8 +435,9 @@ def run_inference(spec: JobSpec, *, address: str | None = None, overwrite: bool 
     if max_shards is not None:
         todo = todo[:max_shards]
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    runs = list(previous.get("runs", [])) + [{"run_id": run_id, "started_at": started, "shards_todo": len(todo),
-                                               "shards_skipped": len(committed)}]
+    runs = list(previous.get("runs", [])) + [
+        {"run_id": run_id, "started_at": started, "shards_todo": len(todo), "shards_skipped": len(committed)}
+    ]
     out.clear_success()
     records: dict[str, ShardRecord] = dict(committed)
     out.write_manifest(_manifest(spec, fp, parts, "running", len(shards), records, runs))
@@ -376,7 +452,12 @@ def run_inference(spec: JobSpec, *, address: str | None = None, overwrite: bool 
                 "spec": spec,
                 "stage_key": _stage_key(stage),
                 "read_columns": _read_columns(spec),
-                "carry_columns": list(dict.fromkeys(_keep_columns(spec) + [stage.inputs[n] for n in task.postprocess_inputs if n in stage.inputs])),
+                "carry_columns": list(
+                    dict.fromkeys(
+                        _keep_columns(spec)
+                        + [stage.inputs[n] for n in task.postprocess_inputs if n in stage.inputs]
+                    )
+                ),
                 "keep_columns": _keep_columns(spec),
                 "id_column": spec.input.id_column,
                 "output_schema": output_schema,
@@ -399,10 +480,16 @@ def run_inference(spec: JobSpec, *, address: str | None = None, overwrite: bool 
         raise
     except Exception as e:  # noqa: BLE001 - Ray wraps user errors; report the cause in one paragraph
         cause = _root_cause(e)
-        reason = cause if isinstance(cause, ShardwiseError) else JobFailed(f"the job failed: {type(cause).__name__}: {cause}")
+        failure = (
+            cause
+            if isinstance(cause, ShardwiseError)
+            else JobFailed(f"the job failed: {type(cause).__name__}: {cause}")
+        )
         runs[-1]["finished_at"] = time.time()
-        out.write_manifest(_manifest(spec, fp, parts, "failed", len(shards), records, runs, reason=str(reason)))
-        raise reason from e
+        out.write_manifest(
+            _manifest(spec, fp, parts, "failed", len(shards), records, runs, reason=str(failure))
+        )
+        raise failure from e
     finally:
         if bar is not None:
             bar.close()
@@ -416,11 +503,17 @@ def run_inference(spec: JobSpec, *, address: str | None = None, overwrite: bool 
     rows_error = sum(r.rows_error for r in records.values())
     missing = planned - set(records)
     state, reason = "succeeded", None
-    if rows_in and rows_error / rows_in > spec.max_error_rate or rows_error > spec.max_error_rate * rows_total:
+    if (
+        rows_in
+        and rows_error / rows_in > spec.max_error_rate
+        or rows_error > spec.max_error_rate * rows_total
+    ):
         state = "failed"
-        reason = (f"{rows_error} of {rows_in} rows failed ({rows_error / max(rows_in, 1):.2%}), above max_error_rate "
-                  f"{spec.max_error_rate:.2%}. See the error records in {spec.output.uri}/_errors/ (stage, "
-                  "error_type, message per row); fix the input or raise max_error_rate")
+        reason = (
+            f"{rows_error} of {rows_in} rows failed ({rows_error / max(rows_in, 1):.2%}), above max_error_rate "
+            f"{spec.max_error_rate:.2%}. See the error records in {spec.output.uri}/_errors/ (stage, "
+            "error_type, message per row); fix the input or raise max_error_rate"
+        )
     elif missing and max_shards is None:
         state = "failed"
         reason = f"{len(missing)} shard(s) produced no commit record (e.g. {sorted(missing)[:3]}); rerun to resume them"
@@ -428,8 +521,19 @@ def run_inference(spec: JobSpec, *, address: str | None = None, overwrite: bool 
         state = "partial"
     manifest = _manifest(spec, fp, parts, state, len(shards), records, runs, reason=reason)
     out.write_manifest(manifest)
-    result = JobResult(spec.output.uri, state, len(shards), len(todo), len(committed), rows_in, rows_in - rows_error,
-                       rows_error, wall, run_id, manifest)
+    result = JobResult(
+        spec.output.uri,
+        state,
+        len(shards),
+        len(todo),
+        len(committed),
+        rows_in,
+        rows_in - rows_error,
+        rows_error,
+        wall,
+        run_id,
+        manifest,
+    )
     if state == "failed":
         if rows_error and reason and "max_error_rate" in reason:
             raise ErrorRateExceeded(reason)
@@ -453,27 +557,52 @@ def _build_dataset(ray: Any, spec: JobSpec, todo: list[Shard], job: dict[str, An
     ctx.execution_options.preserve_order = False
     lo, hi = stage.replica_range()
     device = resolve_device(stage.device, stage.num_gpus) if stage.num_gpus == 0 else stage.device
-    threads = int(stage.num_cpus) if stage.num_cpus else (None if stage.num_gpus else max(1, (os.cpu_count() or 1) // hi))
+    threads = (
+        int(stage.num_cpus)
+        if stage.num_cpus
+        else (None if stage.num_gpus else max(1, (os.cpu_count() or 1) // hi))
+    )
     items = [{"shard": json.dumps(s.to_dict())} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        read_preprocess, batch_size=None, batch_format="pyarrow", fn_kwargs={"job": job}, num_cpus=_TASK_CPUS,
+        read_preprocess,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={"job": job},
+        num_cpus=_TASK_CPUS,
         # Reserve memory for a shard in flight (its rows + features). Remote args that differ from the
         # replica's also keep Ray Data from fusing this CPU stage into the replica actor: tokenizing must
         # run in parallel CPU tasks, not on the replica's critical path.
         memory=2 * spec.input.shard_bytes,
     )
     ds = ds.map_batches(
-        Replica, batch_size=None, batch_format="pyarrow", compute=ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_gpus=stage.num_gpus or None, num_cpus=replica_cpus(stage),
+        Replica,
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=lo, max_size=hi),
+        num_gpus=stage.num_gpus or None,
+        num_cpus=replica_cpus(stage),
         fn_constructor_kwargs={
-            "task": stage.task, "model": stage.model, "revision": stage.revision, "storage_options": {},
-            "params": dict(stage.params), "device": device, "dtype": stage.dtype, "num_gpus": stage.num_gpus,
-            "batch_size": stage.batch_size, "max_batch_tokens": stage.max_batch_tokens, "threads": threads,
+            "task": stage.task,
+            "model": stage.model,
+            "revision": stage.revision,
+            "storage_options": {},
+            "params": dict(stage.params),
+            "device": device,
+            "dtype": stage.dtype,
+            "num_gpus": stage.num_gpus,
+            "batch_size": stage.batch_size,
+            "max_batch_tokens": stage.max_batch_tokens,
+            "threads": threads,
         },
     )
-    ds = ds.map_batches(postprocess_commit, batch_size=None, batch_format="pyarrow", fn_kwargs={"job": job},
-                        num_cpus=_COMMIT_CPUS)
+    ds = ds.map_batches(
+        postprocess_commit,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={"job": job},
+        num_cpus=_COMMIT_CPUS,
+    )
     return ds
 
 
@@ -482,5 +611,12 @@ def _progress(enabled: bool, *, total: int, initial: int) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="rows", file=sys.stderr, dynamic_ncols=True,
-                desc="shardwise", smoothing=0.1)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="rows",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc="shardwise",
+        smoothing=0.1,
+    )

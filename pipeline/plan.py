@@ -33,7 +33,12 @@ class Shard:
         return self.stop - self.start
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shard_id": self.shard_id, "fragment": asdict(self.fragment), "start": self.start, "stop": self.stop}
+        return {
+            "shard_id": self.shard_id,
+            "fragment": asdict(self.fragment),
+            "start": self.start,
+            "stop": self.stop,
+        }
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Shard:
@@ -56,10 +61,15 @@ def plan_shards(spec: JobSpec, fragments: list[Fragment]) -> list[Shard]:
         for i in range(pieces):
             ranges.append((frag, i * frag.num_rows // pieces, (i + 1) * frag.num_rows // pieces))
     width = max(5, len(str(len(ranges))))
-    return [Shard(str(i).zfill(width), frag.for_rows(start), start, stop) for i, (frag, start, stop) in enumerate(ranges)]
+    return [
+        Shard(str(i).zfill(width), frag.for_rows(start), start, stop)
+        for i, (frag, start, stop) in enumerate(ranges)
+    ]
 
 
-def fingerprint(spec: JobSpec, fragments: list[Fragment], *, model_identity: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def fingerprint(
+    spec: JobSpec, fragments: list[Fragment], *, model_identity: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
     """(sha256 hex, the parts it hashes). Anything that changes which rows exist or what is predicted for
     them is in; knobs that only change speed (batch_size, replicas, num_gpus) are out."""
     from pipeline import __version__

@@ -44,9 +44,21 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 class Replica:
-    def __init__(self, *, task: str, model: str, revision: str | None, storage_options: dict[str, Any],
-                 params: dict[str, Any], device: str, dtype: str, num_gpus: float, batch_size: int,
-                 max_batch_tokens: int | None, threads: int | None) -> None:
+    def __init__(
+        self,
+        *,
+        task: str,
+        model: str,
+        revision: str | None,
+        storage_options: dict[str, Any],
+        params: dict[str, Any],
+        device: str,
+        dtype: str,
+        num_gpus: float,
+        batch_size: int,
+        max_batch_tokens: int | None,
+        threads: int | None,
+    ) -> None:
         import torch
 
         from models.loading import resolve_model
@@ -64,7 +76,14 @@ class Replica:
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.keep_features = {FEATURE + name for name in self.task.postprocess_features}
-        log.info("replica ready: task=%s model=%s device=%s dtype=%s threads=%d", task, model, self.device, self.dtype, threads)
+        log.info(
+            "replica ready: task=%s model=%s device=%s dtype=%s threads=%d",
+            task,
+            model,
+            self.device,
+            self.dtype,
+            threads,
+        )
 
     def _on_oom(self) -> None:
         import torch
@@ -75,7 +94,7 @@ class Replica:
     def __call__(self, table: pa.Table) -> pa.Table:
         features = decode_tensors(table, prefix=FEATURE)
         ok = [i for i in ok_rows(table) if features[i] is not None]
-        rows = [features[i] for i in ok]
+        rows: list[dict[str, Any]] = [features[i] or {} for i in ok]
         result = run_micro_batches(
             self.runner.forward,
             rows,
@@ -90,7 +109,10 @@ class Replica:
             outputs[i] = result.outputs[j]
             errors[i] = result.errors[j]
         if result.oom_splits:
-            log.warning("out of memory: split %d micro-batches; lower batch_size or max_batch_tokens", result.oom_splits)
+            log.warning(
+                "out of memory: split %d micro-batches; lower batch_size or max_batch_tokens",
+                result.oom_splits,
+            )
         table = set_errors(table, "forward", errors)
         drop = [n for n in table.column_names if n.startswith(FEATURE) and n not in self.keep_features]
         table = table.drop_columns(drop)

@@ -66,7 +66,9 @@ class Fragment:
         if not self.offsets or not self.offset_every:
             return self
         anchor = start // self.offset_every
-        return dataclasses.replace(self, offsets=(self.offsets[anchor - self.offsets_base],), offsets_base=anchor)
+        return dataclasses.replace(
+            self, offsets=(self.offsets[anchor - self.offsets_base],), offsets_base=anchor
+        )
 
 
 def _fs(spec: InputSpec) -> tuple[Any, str]:
@@ -96,15 +98,19 @@ def _list_paths(fs: Any, root: str, fmt: str) -> tuple[str, list[str]]:
         base = re.split(r"[*?\[]", root, maxsplit=1)[0].rsplit("/", 1)[0]
         return base, paths
     if not fs.exists(root):
-        raise SourceError(f"input.uri {root!r} does not exist; check the path (and storage_options for remote URIs)")
+        raise SourceError(
+            f"input.uri {root!r} does not exist; check the path (and storage_options for remote URIs)"
+        )
     if fs.isfile(root):
         return posixpath.dirname(root), [root]
     if fmt == "hf":
         return root, _hf_files(fs, root)
     suffixes = _SUFFIXES[fmt]
     paths = sorted(
-        p for p in fs.find(root)
-        if not _is_hidden(posixpath.relpath(p, root)) and (p.endswith(suffixes) or (fmt == "parquet" and "." not in posixpath.basename(p)))
+        p
+        for p in fs.find(root)
+        if not _is_hidden(posixpath.relpath(p, root))
+        and (p.endswith(suffixes) or (fmt == "parquet" and "." not in posixpath.basename(p)))
     )
     return root, paths
 
@@ -119,7 +125,9 @@ def _hf_files(fs: Any, root: str) -> list[str]:
         )
     state = posixpath.join(root, "state.json")
     if not fs.exists(state):
-        raise SourceError(f"input.uri {root!r} has no state.json; with format 'hf' it must be a folder written by Dataset.save_to_disk")
+        raise SourceError(
+            f"input.uri {root!r} has no state.json; with format 'hf' it must be a folder written by Dataset.save_to_disk"
+        )
     with fs.open(state) as f:
         files = [entry["filename"] for entry in json.load(f)["_data_files"]]
     return [posixpath.join(root, name) for name in files]
@@ -139,12 +147,16 @@ def list_fragments(spec: InputSpec) -> list[Fragment]:
     except Exception as e:  # noqa: BLE001 - backend errors (auth, network) reach the user with the URI
         raise SourceError(f"cannot list input.uri {spec.uri!r}: {type(e).__name__}: {e}") from e
     if not paths:
-        raise SourceError(f"input.uri {spec.uri!r} matched no {fmt} files; check the path, the glob or input.format")
+        raise SourceError(
+            f"input.uri {spec.uri!r} matched no {fmt} files; check the path, the glob or input.format"
+        )
     fragments = []
     for path in paths:
         try:
             info = fs.info(path)
-            fragments.append(_describe(fs, path, posixpath.relpath(path, base) if base else path, info, fmt, spec))
+            fragments.append(
+                _describe(fs, path, posixpath.relpath(path, base) if base else path, info, fmt, spec)
+            )
         except SourceError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -242,7 +254,9 @@ def _concat(batches: list[pa.RecordBatch], schema: pa.Schema | None) -> pa.Table
     return (schema or pa.schema([])).empty_table()
 
 
-def read_range(spec: InputSpec, fragment: Fragment, start: int, stop: int, *, columns: Sequence[str] | None) -> pa.Table:
+def read_range(
+    spec: InputSpec, fragment: Fragment, start: int, stop: int, *, columns: Sequence[str] | None
+) -> pa.Table:
     """Rows [start, stop) of one file, only `columns` (None: all), plus `__id`, `__row`, `__read_error`.
 
     `__row` is the row index within the file. Missing columns raise SourceError naming them.
@@ -298,13 +312,18 @@ def read_range(spec: InputSpec, fragment: Fragment, start: int, stop: int, *, co
         _check_columns(table.column_names, [spec.id_column], fragment)
         # A row whose id is missing (e.g. a broken JSON line) still needs an id for its error record.
         values = table.column(spec.id_column).to_pylist()
-        ids = pa.array([f"{fragment.rel}:{start + i}" if v is None else str(v) for i, v in enumerate(values)], pa.string())
+        ids = pa.array(
+            [f"{fragment.rel}:{start + i}" if v is None else str(v) for i, v in enumerate(values)],
+            pa.string(),
+        )
     else:
         ids = pa.array([f"{fragment.rel}:{r}" for r in range(start, start + n)], pa.string())
     if extra_id is not None:
         table = table.drop_columns([extra_id])
     table = table.append_column(ID, ids).append_column(ROW, rows)
-    return table.append_column(READ_ERROR, pa.array(errors if errors is not None else [None] * n, pa.string()))
+    return table.append_column(
+        READ_ERROR, pa.array(errors if errors is not None else [None] * n, pa.string())
+    )
 
 
 def _check_columns(names: Sequence[str], wanted: Sequence[str] | None, fragment: Fragment) -> None:
@@ -318,7 +337,9 @@ def _check_columns(names: Sequence[str], wanted: Sequence[str] | None, fragment:
         )
 
 
-def _read_jsonl(fs: Any, fragment: Fragment, start: int, stop: int, cols: list[str] | None) -> tuple[pa.Table, list[str | None]]:
+def _read_jsonl(
+    fs: Any, fragment: Fragment, start: int, stop: int, cols: list[str] | None
+) -> tuple[pa.Table, list[str | None]]:
     """Parse rows line by line so that one broken line is one error row, not a failed shard."""
     anchor = start // fragment.offset_every if fragment.offset_every else 0
     compression = _compression(fragment.path)
@@ -396,7 +417,9 @@ def _drop_odd_values(column: str, values: list[Any], errors: list[str | None], k
             values[i] = None
 
 
-def read_table(spec: InputSpec, *, columns: Sequence[str] | None = None, limit: int | None = None) -> pa.Table:
+def read_table(
+    spec: InputSpec, *, columns: Sequence[str] | None = None, limit: int | None = None
+) -> pa.Table:
     """All rows of an input (e.g. a training set), concatenated; `limit` stops early."""
     parts, total = [], 0
     for fragment in list_fragments(spec):

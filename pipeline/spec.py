@@ -154,11 +154,21 @@ def format_from_uri(uri: str, *, key: str = "input.format") -> str:
     path = uri.rstrip("/").lower()
     # "?" starts a query (s3://b/x.parquet?versionId=1) or is a glob wildcard (data/part-?.parquet).
     for base in (path, path.split("?")[0]):
-        for suffix, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
-                            (".json", "jsonl"), (".csv", "csv"), (".tsv", "csv"), (".arrow", "hf")):
+        for suffix, fmt in (
+            (".parquet", "parquet"),
+            (".pq", "parquet"),
+            (".jsonl", "jsonl"),
+            (".ndjson", "jsonl"),
+            (".json", "jsonl"),
+            (".csv", "csv"),
+            (".tsv", "csv"),
+            (".arrow", "hf"),
+        ):
             if base.endswith(suffix) or base.endswith(suffix + ".gz") or base.endswith(suffix + ".bz2"):
                 return fmt
-    raise SpecError(key, f"cannot tell the format of {uri!r} from its name; set {key} to one of {list(FORMATS)}")
+    raise SpecError(
+        key, f"cannot tell the format of {uri!r} from its name; set {key} to one of {list(FORMATS)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +216,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except SpecError as e:
                 errors.append(e)
         for inner in errors:
-            if inner.key != key:  # the value had this arm's shape (a mapping, a list); the mistake is inside it
+            if (
+                inner.key != key
+            ):  # the value had this arm's shape (a mapping, a list); the mistake is inside it
                 raise inner
         raise SpecError(key, f"got {value!r}; expected {_type_name(tp)}")
     if tp is type(None):
@@ -311,12 +323,17 @@ def _validate(spec: JobSpec) -> JobSpec:
         _positive(f"{key}.max_batch_tokens", stage.max_batch_tokens)
         lo, hi = stage.replica_range()
         if lo < 1 or hi < lo:
-            raise SpecError(f"{key}.replicas", f"expected an int >= 1 or [min, max] with 1 <= min <= max, got {stage.replicas!r}")
+            raise SpecError(
+                f"{key}.replicas",
+                f"expected an int >= 1 or [min, max] with 1 <= min <= max, got {stage.replicas!r}",
+            )
         if stage.num_gpus < 0:
             raise SpecError(f"{key}.num_gpus", f"must be >= 0, got {stage.num_gpus}")
         _positive(f"{key}.num_cpus", stage.num_cpus)
         if stage.device == "cuda" and stage.num_gpus == 0:
-            raise SpecError(f"{key}.num_gpus", "device is 'cuda' but num_gpus is 0; set num_gpus (e.g. 1 or 0.5)")
+            raise SpecError(
+                f"{key}.num_gpus", "device is 'cuda' but num_gpus is 0; set num_gpus (e.g. 1 or 0.5)"
+            )
     if spec.kind == "finetune":
         if spec.train is None:
             raise SpecError("train", "kind is 'finetune' but the 'train' section is missing")

@@ -15,7 +15,9 @@ import pyarrow as pa
 
 __all__ = ["TENSOR_TYPE", "decode_tensors", "encode_tensors"]
 
-TENSOR_TYPE = pa.struct([("data", pa.large_binary()), ("shape", pa.list_(pa.int32())), ("dtype", pa.string())])
+TENSOR_TYPE = pa.struct(
+    [("data", pa.large_binary()), ("shape", pa.list_(pa.int32())), ("dtype", pa.string())]
+)
 
 
 def encode_tensors(rows: Sequence[Mapping[str, Any] | None], *, prefix: str) -> dict[str, pa.Array]:
@@ -26,7 +28,9 @@ def encode_tensors(rows: Sequence[Mapping[str, Any] | None], *, prefix: str) -> 
             keys.extend(k for k in row if k not in keys)
     columns: dict[str, pa.Array] = {}
     for key in keys:
-        data, shape, dtype = [], [], []
+        data: list[Any] = []
+        shape: list[Any] = []
+        dtype: list[Any] = []
         for row in rows:
             if row is None or key not in row or row[key] is None:
                 data.append(None)
@@ -39,7 +43,11 @@ def encode_tensors(rows: Sequence[Mapping[str, Any] | None], *, prefix: str) -> 
             dtype.append(arr.dtype.str)
         mask = pa.array([d is None for d in data])
         columns[prefix + key] = pa.StructArray.from_arrays(
-            [pa.array(data, pa.large_binary()), pa.array(shape, pa.list_(pa.int32())), pa.array(dtype, pa.string())],
+            [
+                pa.array(data, pa.large_binary()),
+                pa.array(shape, pa.list_(pa.int32())),
+                pa.array(dtype, pa.string()),
+            ],
             fields=list(TENSOR_TYPE),
             mask=mask,
         )
@@ -51,7 +59,7 @@ def decode_tensors(table: pa.Table, *, prefix: str) -> list[dict[str, np.ndarray
     names = [n for n in table.column_names if n.startswith(prefix)]
     rows: list[dict[str, np.ndarray] | None] = [None] * table.num_rows
     for name in names:
-        key = name[len(prefix):]
+        key = name[len(prefix) :]
         col = table.column(name).combine_chunks()
         datas = col.field("data").to_pylist()
         shapes = col.field("shape").to_pylist()

@@ -30,36 +30,58 @@ def train_wordpiece(out_dir: Path, *, vocab_size: int = 200) -> Any:
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    )
     tok.train_from_iterator(make_texts(2000, seed=1) + WORDS, trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     fast = BertTokenizerFast(tokenizer_object=tok, model_max_length=128)
     fast.save_pretrained(out_dir)
     return fast
 
 
-def make_text_classifier(out_dir: Path, *, num_labels: int = 3, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
+def make_text_classifier(
+    out_dir: Path, *, num_labels: int = 3, seed: int = 0, layers: int = 2, hidden: int = 32
+) -> Path:
     """A tiny random BERT sequence classifier + trained tokenizer, saved as safetensors."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     tokenizer = train_wordpiece(out_dir)
     torch.manual_seed(seed)
-    labels = ["negative", "neutral", "positive", "mixed", "other"][:num_labels] if num_labels <= 5 else [f"L{i}" for i in range(num_labels)]
+    labels = (
+        ["negative", "neutral", "positive", "mixed", "other"][:num_labels]
+        if num_labels <= 5
+        else [f"L{i}" for i in range(num_labels)]
+    )
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=hidden * 2, max_position_embeddings=128, num_labels=num_labels,
-        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
     )
     model = BertForSequenceClassification(config).eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 
-def write_texts_parquet(path: Path, texts: list[Any], *, row_group_size: int | None = None, extra: dict[str, list[Any]] | None = None) -> Path:
+def write_texts_parquet(
+    path: Path,
+    texts: list[Any],
+    *,
+    row_group_size: int | None = None,
+    extra: dict[str, list[Any]] | None = None,
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"id": list(range(len(texts))), "text": pa.array(texts, pa.string())}
     data.update(extra or {})
@@ -67,7 +89,9 @@ def write_texts_parquet(path: Path, texts: list[Any], *, row_group_size: int | N
     return path
 
 
-def job_dict(*, input_uri: str, output_uri: str, model: str, task: str = "text-classification", **overrides: Any) -> dict[str, Any]:
+def job_dict(
+    *, input_uri: str, output_uri: str, model: str, task: str = "text-classification", **overrides: Any
+) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": "test-job",
         "input": {"uri": input_uri, "id_column": "id", "shard_rows": 50},

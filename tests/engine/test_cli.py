@@ -53,18 +53,44 @@ def test_run_then_status_then_error_rate_exit_code(ray_session, tiny_model, tmp_
     texts: list = make_texts(80, seed=30)
     write_texts_parquet(tmp_path / "in.parquet", texts)
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job_dict(input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"),
-                                            model=str(tiny_model))))
+    path.write_text(
+        yaml.safe_dump(
+            job_dict(
+                input_uri=str(tmp_path / "in.parquet"),
+                output_uri=str(tmp_path / "out"),
+                model=str(tiny_model),
+            )
+        )
+    )
     assert main(["run", str(path), "--no-progress"]) == 0
     assert "80 rows ok, 0 errors" in capsys.readouterr().out
     assert main(["status", str(tmp_path / "out"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info == {**info, "state": "succeeded", "shards_done": 2, "shards_total": 2, "rows_ok": 80, "rows_error": 0}
+    assert info == {
+        **info,
+        "state": "succeeded",
+        "shards_done": 2,
+        "shards_total": 2,
+        "rows_ok": 80,
+        "rows_error": 0,
+    }
 
     texts[::4] = [None] * 20  # 25% bad rows against the default max_error_rate of 1%
     write_texts_parquet(tmp_path / "bad.parquet", texts)
-    assert main(["run", str(path), "--no-progress", "--set", f"input.uri={tmp_path / 'bad.parquet'}",
-                 "--set", f"output.uri={tmp_path / 'out-bad'}"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                str(path),
+                "--no-progress",
+                "--set",
+                f"input.uri={tmp_path / 'bad.parquet'}",
+                "--set",
+                f"output.uri={tmp_path / 'out-bad'}",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     # The job stops early once it can no longer pass, so the count covers the shards it ran.
     assert re.search(r"\d+ of \d+ rows failed", err) and "max_error_rate" in err and "Traceback" not in err

@@ -26,16 +26,42 @@ def test_job_runs_on_a_two_node_cluster_via_address(tiny_model, tmp_path):
     try:
         cluster.wait_for_nodes()
         write_texts_parquet(tmp_path / "in.parquet", make_texts(300, seed=40))
-        spec = job_dict(input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"), model=str(tiny_model),
-                        stages=[{"name": "s", "task": "text-classification", "model": str(tiny_model),
-                                 "inputs": {"text": "text"}, "replicas": 2}])
+        spec = job_dict(
+            input_uri=str(tmp_path / "in.parquet"),
+            output_uri=str(tmp_path / "out"),
+            model=str(tiny_model),
+            stages=[
+                {
+                    "name": "s",
+                    "task": "text-classification",
+                    "model": str(tiny_model),
+                    "inputs": {"text": "text"},
+                    "replicas": 2,
+                }
+            ],
+        )
         (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
         proc = subprocess.run(
-            [sys.executable, "-m", "jobs", "run", str(tmp_path / "job.yaml"), "--address", cluster.address, "--no-progress"],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=240,
+            [
+                sys.executable,
+                "-m",
+                "jobs",
+                "run",
+                str(tmp_path / "job.yaml"),
+                "--address",
+                cluster.address,
+                "--no-progress",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=240,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
-        assert manifest["state"] == "succeeded" and manifest["rows_ok"] == 300 and manifest["shards_done"] == 6
+        assert (
+            manifest["state"] == "succeeded" and manifest["rows_ok"] == 300 and manifest["shards_done"] == 6
+        )
     finally:
         cluster.shutdown()

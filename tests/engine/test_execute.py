@@ -19,7 +19,11 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def _spec(tmp_path: Path, model: Path, **kw):
-    return parse_spec(job_dict(input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"), model=str(model), **kw))
+    return parse_spec(
+        job_dict(
+            input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"), model=str(model), **kw
+        )
+    )
 
 
 def _pipeline(model: Path, **kw):
@@ -37,8 +41,20 @@ def test_parity_with_transformers_pipeline(ray_session, tiny_model, tmp_path, pa
     """Same labels as transformers.pipeline and scores within 1e-4, for every row, whatever the batching."""
     texts = make_texts(150, seed=3, max_words=100) + [""]
     write_texts_parquet(tmp_path / "in.parquet", texts)
-    spec = _spec(tmp_path, tiny_model, stages=[{"name": "s", "task": "text-classification", "model": str(tiny_model),
-                                                "inputs": {"text": "text"}, "params": params, "batch_size": 7}])
+    spec = _spec(
+        tmp_path,
+        tiny_model,
+        stages=[
+            {
+                "name": "s",
+                "task": "text-classification",
+                "model": str(tiny_model),
+                "inputs": {"text": "text"},
+                "params": params,
+                "batch_size": 7,
+            }
+        ],
+    )
     result = run_inference(spec, progress=False)
     assert (result.rows_ok, result.rows_error) == (len(texts), 0)
     got = read_output(str(tmp_path / "out")).sort_by("id").to_pylist()
@@ -58,8 +74,18 @@ def test_text_pair_parity(ray_session, tiny_model, tmp_path):
     texts = make_texts(40, seed=4)
     pairs = make_texts(40, seed=5)
     write_texts_parquet(tmp_path / "in.parquet", texts, extra={"pair": pairs})
-    spec = _spec(tmp_path, tiny_model, stages=[{"name": "s", "task": "text-classification", "model": str(tiny_model),
-                                                "inputs": {"text": "text", "text_pair": "pair"}}])
+    spec = _spec(
+        tmp_path,
+        tiny_model,
+        stages=[
+            {
+                "name": "s",
+                "task": "text-classification",
+                "model": str(tiny_model),
+                "inputs": {"text": "text", "text_pair": "pair"},
+            }
+        ],
+    )
     run_inference(spec, progress=False)
     got = read_output(str(tmp_path / "out")).sort_by("id").to_pylist()
     pipe = _pipeline(tiny_model)
@@ -97,8 +123,14 @@ def test_jsonl_broken_lines_and_mixed_types_are_error_records(ray_session, tiny_
     lines[3] = '{"id": 3, "text": "unterminated'
     lines[8] = json.dumps({"id": 8, "text": 12345})
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
-    spec = parse_spec(job_dict(input_uri=str(tmp_path / "in.jsonl"), output_uri=str(tmp_path / "out"),
-                               model=str(tiny_model), max_error_rate=0.1))
+    spec = parse_spec(
+        job_dict(
+            input_uri=str(tmp_path / "in.jsonl"),
+            output_uri=str(tmp_path / "out"),
+            model=str(tiny_model),
+            max_error_rate=0.1,
+        )
+    )
     result = run_inference(spec, progress=False)
     assert (result.rows_ok, result.rows_error) == (28, 2)
     errors = {r["id"]: r for r in read_errors(str(tmp_path / "out")).to_pylist()}
@@ -144,8 +176,19 @@ def test_resume_recomputes_only_uncommitted_shards(ray_session, tiny_model, tmp_
 def test_changed_job_is_refused_then_overwrite_recomputes(ray_session, tiny_model, tmp_path):
     write_texts_parquet(tmp_path / "in.parquet", make_texts(60, seed=10))
     run_inference(_spec(tmp_path, tiny_model), progress=False)
-    changed = _spec(tmp_path, tiny_model, stages=[{"name": "s", "task": "text-classification", "model": str(tiny_model),
-                                                   "inputs": {"text": "text"}, "params": {"top_k": 2}}])
+    changed = _spec(
+        tmp_path,
+        tiny_model,
+        stages=[
+            {
+                "name": "s",
+                "task": "text-classification",
+                "model": str(tiny_model),
+                "inputs": {"text": "text"},
+                "params": {"top_k": 2},
+            }
+        ],
+    )
     with pytest.raises(FingerprintMismatch, match="params") as err:
         run_inference(changed, progress=False)
     assert "--overwrite" in str(err.value)
@@ -162,11 +205,21 @@ def test_hf_dataset_input_and_keep_columns(ray_session, tiny_model, tmp_path):
 
     texts = make_texts(70, seed=11)
     datasets.Dataset.from_dict({"text": texts, "source": ["x"] * 70}).save_to_disk(str(tmp_path / "hf"))
-    spec = parse_spec({
-        "name": "hf", "input": {"uri": str(tmp_path / "hf"), "format": "hf", "keep_columns": ["text", "source"]},
-        "stages": [{"name": "s", "task": "text-classification", "model": str(tiny_model), "inputs": {"text": "text"}}],
-        "output": {"uri": str(tmp_path / "out")},
-    })
+    spec = parse_spec(
+        {
+            "name": "hf",
+            "input": {"uri": str(tmp_path / "hf"), "format": "hf", "keep_columns": ["text", "source"]},
+            "stages": [
+                {
+                    "name": "s",
+                    "task": "text-classification",
+                    "model": str(tiny_model),
+                    "inputs": {"text": "text"},
+                }
+            ],
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
     run_inference(spec, progress=False)
     out = read_output(str(tmp_path / "out"))
     assert out.column_names == ["id", "text", "source", "label", "score"]
@@ -176,9 +229,26 @@ def test_hf_dataset_input_and_keep_columns(ray_session, tiny_model, tmp_path):
 
 def test_missing_column_is_a_spec_error_naming_the_key(tiny_model, tmp_path):
     write_texts_parquet(tmp_path / "in.parquet", make_texts(5))
-    spec = parse_spec(job_dict(input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"), model=str(tiny_model)))
-    bad = parse_spec({**job_dict(input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "o2"), model=str(tiny_model)),
-                      "stages": [{"name": "s", "task": "text-classification", "model": str(tiny_model), "inputs": {"text": "body"}}]})
+    spec = parse_spec(
+        job_dict(
+            input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"), model=str(tiny_model)
+        )
+    )
+    bad = parse_spec(
+        {
+            **job_dict(
+                input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "o2"), model=str(tiny_model)
+            ),
+            "stages": [
+                {
+                    "name": "s",
+                    "task": "text-classification",
+                    "model": str(tiny_model),
+                    "inputs": {"text": "body"},
+                }
+            ],
+        }
+    )
     assert spec.stage.inputs == {"text": "text"}
     with pytest.raises(SpecError, match=r"stages\[0\]\.inputs\.text.*'body'"):
         run_inference(bad, progress=False)
@@ -190,4 +260,6 @@ def test_output_part_files_are_plain_parquet(ray_session, tiny_model, tmp_path):
     run_inference(_spec(tmp_path, tiny_model), progress=False)
     table = pq.read_table(tmp_path / "out")
     assert table.num_rows == 130 and table.schema.field("label").type == pa.string()
-    assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == [f"part-{i:05d}.parquet" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == [
+        f"part-{i:05d}.parquet" for i in range(3)
+    ]

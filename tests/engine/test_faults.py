@@ -56,10 +56,23 @@ def test_replica_sigkilled_mid_job_loses_and_duplicates_nothing(ray_session, tin
     for i in range(0, n, 100):
         texts[i] = None  # some bad rows too: counts must still add up
     write_texts_parquet(tmp_path / "in.parquet", texts)
-    spec = parse_spec(job_dict(input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"),
-                               model=str(tiny_model), max_error_rate=0.05,
-                               stages=[{"name": "s", "task": "text-classification", "model": str(tiny_model),
-                                        "inputs": {"text": "text"}, "batch_size": 1}]))
+    spec = parse_spec(
+        job_dict(
+            input_uri=str(tmp_path / "in.parquet"),
+            output_uri=str(tmp_path / "out"),
+            model=str(tiny_model),
+            max_error_rate=0.05,
+            stages=[
+                {
+                    "name": "s",
+                    "task": "text-classification",
+                    "model": str(tiny_model),
+                    "inputs": {"text": "text"},
+                    "batch_size": 1,
+                }
+            ],
+        )
+    )
     outcome: dict = {}
 
     def run() -> None:
@@ -71,7 +84,9 @@ def test_replica_sigkilled_mid_job_loses_and_duplicates_nothing(ray_session, tin
     worker = threading.Thread(target=run)
     worker.start()
     out = tmp_path / "out"
-    _wait_for(lambda: _committed(out) >= 4 and _pids_matching("MapBatches(Replica)"), timeout=180, what="4 commits")
+    _wait_for(
+        lambda: _committed(out) >= 4 and _pids_matching("MapBatches(Replica)"), timeout=180, what="4 commits"
+    )
     killed = _pids_matching("MapBatches(Replica)")
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
@@ -82,7 +97,9 @@ def test_replica_sigkilled_mid_job_loses_and_duplicates_nothing(ray_session, tin
     result = outcome["result"]
     assert killed and committed_at_kill < result.shards_total, "the kill must land mid-job"
     assert result.rows_in == n and result.rows_ok + result.rows_error == n and result.rows_error == n // 100
-    ids = read_output(str(out)).column("id").to_pylist() + [int(i) for i in read_errors(str(out)).column("id").to_pylist()]
+    ids = read_output(str(out)).column("id").to_pylist() + [
+        int(i) for i in read_errors(str(out)).column("id").to_pylist()
+    ]
     assert len(ids) == len(set(ids)) == n
 
 
@@ -93,24 +110,47 @@ def _write_spec(path: Path, spec: dict) -> Path:
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "jobs", *args], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs", *args],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.mark.timeout(420)
 def test_driver_sigkilled_midway_resumes_only_uncommitted_shards(ray_session, tiny_model, tmp_path):
     n = 2000
     write_texts_parquet(tmp_path / "in.parquet", make_texts(n, seed=21, max_words=80))
-    spec = job_dict(input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"), model=str(tiny_model),
-                    stages=[{"name": "s", "task": "text-classification", "model": str(tiny_model),
-                             "inputs": {"text": "text"}, "batch_size": 1}])
+    spec = job_dict(
+        input_uri=str(tmp_path / "in.parquet"),
+        output_uri=str(tmp_path / "out"),
+        model=str(tiny_model),
+        stages=[
+            {
+                "name": "s",
+                "task": "text-classification",
+                "model": str(tiny_model),
+                "inputs": {"text": "text"},
+                "batch_size": 1,
+            }
+        ],
+    )
     spec_path = _write_spec(tmp_path / "job.yaml", spec)
     out = tmp_path / "out"
     total = n // 50
 
     proc = _cli("run", str(spec_path), "--no-progress")
     try:
-        _wait_for(lambda: _committed(out) >= total // 2 or proc.poll() is not None, timeout=300, what="half the shards")
+        _wait_for(
+            lambda: _committed(out) >= total // 2 or proc.poll() is not None,
+            timeout=300,
+            what="half the shards",
+        )
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded cluster it started
     finally:
         proc.wait(timeout=30)
@@ -120,8 +160,13 @@ def test_driver_sigkilled_midway_resumes_only_uncommitted_shards(ray_session, ti
     assert 0 < len(before) < total
     assert not (out / "_SUCCESS").exists()
 
-    status = subprocess.run([sys.executable, "-m", "jobs", "status", str(out), "--json"], cwd=ROOT,
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    status = subprocess.run(
+        [sys.executable, "-m", "jobs", "status", str(out), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     info = json.loads(status.stdout)
     assert info["state"] == "running or interrupted" and info["shards_done"] == len(before)
 
