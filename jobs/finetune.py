@@ -26,6 +26,13 @@ into `label_names`). Accuracy is `argmax(logits, -1) == labels` over the positio
 so a token-classification task can plug in with per-token labels. A task without `training` is refused
 with a SpecError naming the tasks that have it.
 
+Data passing. Rows reach the workers as Ray datasets (`datasets={"train", "eval"}` +
+`get_dataset_shard`), not in `train_loop_config`: the config is pickled into every worker, the object
+store shares one copy per node; `streaming_split(equal=True)` gives equal step counts for DDP (below); the
+same code works across nodes; and a dataset too big for the driver can later become a lazy `ray.data`
+read without changing the loop. Only "train" is split; each worker iterates all of "eval" and keeps the
+rows with `row % world_size == rank`, so eval counts are exact (an equal split could drop rows).
+
 Labels. `train.label_names` lists the classes in id order. When it is null they are the sorted distinct
 labels of the train and eval rows. String labels must be one of the names; integer labels are ids into
 `label_names` (the `datasets.ClassLabel` convention), or, with no names, are named by their value. A null
@@ -42,18 +49,23 @@ Output modes (`output.mode`). The output is a model folder, not shards, so:
   run of the same job from its last epoch checkpoint (Ray Train restores it when the run name and storage
   match; the run name carries a fingerprint of data, model and training settings, so a changed job starts
   from scratch instead of resuming someone else's state).
-- `overwrite`: delete whatever is at `output.uri` first (checkpoints included) and train from scratch.
+- `overwrite`: delete whatever is at `output.uri` (and this run's checkpoints) and train from scratch;
+  the deleting happens after the data checks pass, so a typo does not cost the previous model.
 - `error-if-exists`: refuse if `output.uri` has any content.
 Checkpoints go to `train.checkpoint_uri`, else `<output.uri>/_checkpoints` (removed once the model is
 published; an explicit `checkpoint_uri` is left alone).
 
-Ray Train version: ray 2.60 runs Train V2 unless `RAY_TRAIN_V2_ENABLED=0` (`ray/train/__init__.py`); this
-module uses only APIs both have (`TorchTrainer`, `ScalingConfig`, `RunConfig`, `report`, `get_context`,
-`get_dataset_shard`, `get_checkpoint`). In V2 the controller actor takes no CPU (`num_cpus=0`).
+Ray Train version: ray 2.60 runs Train V2 unless `RAY_TRAIN_V2_ENABLED=0` (`ray/train/__init__.py`). This
+module is written and tested against V2: the controller actor reserves no CPU, a rerun with the same
+`RunConfig(name, storage_path)` restores the checkpoint manager (that is the resume above), and worker
+failures arrive as `WorkerGroupError.worker_failures`. The APIs used (`TorchTrainer`, `ScalingConfig`,
+`RunConfig`, `DataConfig`, `report`, `get_context`, `get_dataset_shard`, `get_checkpoint`) exist in V1 too,
+which is untested here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -68,12 +80,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import pyarrow as pa
 
 from pipeline.commit import SUCCESS, OutputDir
-from pipeline.errors import JobFailed, OutputError, ShardwiseError, SourceError, SpecError
+from pipeline.errors import JobFailed, ModelError, OutputError, ShardwiseError, SourceError, SpecError
 from pipeline.execute import init_ray
 from pipeline.sources import input_schema, list_fragments, read_table
 from pipeline.spec import FinetuneSpec, InputSpec, JobSpec, spec_to_dict
@@ -146,14 +158,23 @@ class _LoopConfig:
 # Labels and data (driver)
 
 
-def resolve_labels(values: pa.ChunkedArray | pa.Array, *, label_names: tuple[str, ...] | None, column: str,
-                   row_ids: Sequence[str]) -> tuple[tuple[str, ...], list[int]]:
+def resolve_labels(
+    values: pa.ChunkedArray | pa.Array,
+    *,
+    label_names: tuple[str, ...] | None,
+    column: str,
+    row_ids: Sequence[str],
+) -> tuple[tuple[str, ...], list[int]]:
     """(label names in id order, the id of every row); raises SpecError naming the column and the values."""
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
-    if not (pa.types.is_integer(values.type) or pa.types.is_string(values.type)
-            or pa.types.is_large_string(values.type) or pa.types.is_null(values.type)):
+    if not (
+        pa.types.is_integer(values.type)
+        or pa.types.is_string(values.type)
+        or pa.types.is_large_string(values.type)
+        or pa.types.is_null(values.type)
+    ):
         raise SpecError(
             "train.label_column",
             f"column {column!r} has type {values.type}; labels must be strings (class names) or integers "
@@ -218,10 +239,15 @@ def _counts(values: Any) -> str:
 def _check_texts(table: pa.Table, inputs: Mapping[str, str], *, what: str) -> None:
     for name, col in inputs.items():
         column = table.column(col)
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-                or pa.types.is_null(column.type)):
-            raise SpecError(f"stages[0].inputs.{name}",
-                            f"column {col!r} of {what} has type {column.type}; input {name!r} must be text")
+        if not (
+            pa.types.is_string(column.type)
+            or pa.types.is_large_string(column.type)
+            or pa.types.is_null(column.type)
+        ):
+            raise SpecError(
+                f"stages[0].inputs.{name}",
+                f"column {col!r} of {what} has type {column.type}; input {name!r} must be text",
+            )
         if column.null_count:
             ids = table.column("__id").filter(pa.compute.is_null(column)).to_pylist()
             raise SpecError(
@@ -283,9 +309,15 @@ def _prepare_data(spec: JobSpec) -> _Data:
     if table.num_rows == 0:
         raise SourceError(f"input.uri {spec.input.uri!r} has no rows to train on")
 
-    both = table if eval_table is None else pa.concat_tables([table, eval_table], promote_options="permissive")
-    names, ids = resolve_labels(both.column(t.label_column), label_names=t.label_names, column=t.label_column,
-                                row_ids=both.column("__id").to_pylist())
+    both = (
+        table if eval_table is None else pa.concat_tables([table, eval_table], promote_options="permissive")
+    )
+    names, ids = resolve_labels(
+        both.column(t.label_column),
+        label_names=t.label_names,
+        column=t.label_column,
+        row_ids=both.column("__id").to_pylist(),
+    )
     label_ids = pa.array(ids, pa.int64())
 
     def task_columns(rows: pa.Table, labels: pa.Array) -> pa.Table:
@@ -294,12 +326,14 @@ def _prepare_data(spec: JobSpec) -> _Data:
     rng = np.random.default_rng(t.seed)
     train = task_columns(table, label_ids[: table.num_rows])
     if eval_table is not None:
-        evaluation: pa.Table | None = task_columns(eval_table, label_ids[table.num_rows:])
+        evaluation: pa.Table | None = task_columns(eval_table, label_ids[table.num_rows :])
     elif split:
         order = rng.permutation(table.num_rows)
         n_eval = max(1, round(table.num_rows * t.eval_fraction))
         if n_eval >= table.num_rows:
-            raise SpecError("train.eval_fraction", f"leaves no training rows out of {table.num_rows}; lower it")
+            raise SpecError(
+                "train.eval_fraction", f"leaves no training rows out of {table.num_rows}; lower it"
+            )
         evaluation, train = train.take(np.sort(order[:n_eval])), train.take(order[n_eval:])
     else:
         evaluation = None
@@ -320,11 +354,11 @@ def _prepare_data(spec: JobSpec) -> _Data:
 # Output location (driver)
 
 
-def _prepare_output(spec: JobSpec, out: OutputDir) -> None:
+def _check_output(spec: JobSpec, out: OutputDir) -> None:
+    """Refuse what output.mode forbids. Nothing is deleted here: `overwrite` clears the output only once the
+    data and labels have passed their checks, so a job with a typo does not destroy the previous model."""
     mode = spec.output.mode
     if mode == "overwrite":
-        if out.exists():
-            out.fs.rm(out.root, recursive=True)
         return
     if mode == "error-if-exists" and out.has_content():
         raise OutputError(
@@ -337,6 +371,17 @@ def _prepare_output(spec: JobSpec, out: OutputDir) -> None:
             "use it as an inference `model`, or set output.mode to 'overwrite' (or pass --overwrite) to "
             "train again, or write to another output.uri"
         )
+
+
+def _clear_for_overwrite(out: OutputDir, run_dir: str, storage_options: dict[str, Any]) -> None:
+    """`overwrite`: remove the old output and this run's old checkpoints (which Ray Train would resume)."""
+    import fsspec
+
+    if out.exists():
+        out.fs.rm(out.root, recursive=True)
+    fs, path = fsspec.core.url_to_fs(run_dir, **storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def _storage(uri: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
@@ -362,7 +407,9 @@ def _publish(checkpoint: Any, out: OutputDir, *, metrics: dict[str, Any]) -> Non
     local = out._is_local()
     if local:
         out.fs.makedirs(out.root, exist_ok=True)
-    stage = out.path(f".staging-{uuid.uuid4().hex[:8]}") if local else tempfile.mkdtemp(prefix="shardwise-model-")
+    stage = (
+        out.path(f".staging-{uuid.uuid4().hex[:8]}") if local else tempfile.mkdtemp(prefix="shardwise-model-")
+    )
     try:
         checkpoint.to_directory(stage)
         Path(stage, _TRAIN_STATE).unlink(missing_ok=True)
@@ -385,12 +432,30 @@ def _publish(checkpoint: Any, out: OutputDir, *, metrics: dict[str, Any]) -> Non
 # Driver
 
 
+def _check_base_model(base: str, uri: str) -> None:
+    """A folder without a loadable config fails here, with the fix, not in every worker after Ray started."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(base)
+    except Exception as e:  # noqa: BLE001 - HF raises OSError/ValueError/KeyError for the same mistake
+        raise ModelError(
+            f"stages[0].model {uri!r} cannot be loaded as a base model ({type(e).__name__}: {e}); point it at a "
+            "folder with config.json, *.safetensors and tokenizer files (e.g. python -m infra.assets fetch "
+            "prints the MiniLM folder)"
+        ) from e
+
+
 def _fingerprint(spec: JobSpec, data: _Data, model_id: Any) -> str:
     """Identifies a training run for resume: data, base model, task, labels and the settings that change the
     result. Scaling (num_workers, use_gpu) and where checkpoints go are left out: a run may resume on another
     cluster shape."""
     assert spec.train is not None
-    train = {k: v for k, v in spec_to_dict(spec.train).items() if k not in ("num_workers", "use_gpu", "checkpoint_uri")}
+    train = {
+        k: v
+        for k, v in spec_to_dict(spec.train).items()
+        if k not in ("num_workers", "use_gpu", "checkpoint_uri")
+    }
     parts = {
         "task": spec.stage.task,
         "inputs": spec.stage.inputs,
@@ -409,10 +474,15 @@ def _run_name(spec: JobSpec, fp: str) -> str:
 
 
 def _embedded_cpus(num_workers: int) -> int:
-    """Logical CPUs for the embedded cluster. Each Train worker reserves 1 CPU, and Ray Train waits (without
-    end) until all of them fit; the V2 controller and Ray Data's split coordinator take none. One CPU on top
-    lets any Ray Data task (a read, a repartition) run beside the workers: without it a task the workers
-    wait on could never be scheduled. Logical CPUs may exceed the cores (torch threads are set per worker)."""
+    """Logical CPUs for the embedded cluster.
+
+    Each Train worker reserves 1 CPU and Ray Train waits, without end, until all of them fit; the V2
+    controller and Ray Data's split coordinator reserve none, and `from_arrow` datasets run no Ray Data task
+    (seen with ray 2.60: 2 workers train on exactly 2 logical CPUs; 1 CPU for 2 workers never starts, which
+    `_check_cluster` turns into an error). The spare CPU keeps that true if the datasets ever gain a read or
+    map stage: its task would otherwise wait forever behind the workers. Logical CPUs may exceed the cores;
+    torch threads are set per worker.
+    """
     return max(os.cpu_count() or 1, num_workers + 1)
 
 
@@ -428,36 +498,56 @@ def _check_cluster(t: FinetuneSpec) -> None:
         raise SpecError(
             "train.num_workers",
             f"{t.num_workers} worker(s) need {what}; Ray Train would wait forever for them. Lower "
-            "train.num_workers" + (", set train.use_gpu: false" if "GPU" in short else "")
+            "train.num_workers"
+            + (", set train.use_gpu: false" if "GPU" in short else "")
             + " or run on a larger cluster (--address)",
         )
 
 
-def run_finetune(spec: JobSpec, *, address: str | None = None, progress: bool = True) -> FinetuneResult:
-    """Fine-tune `spec.stage.model` on `spec.input` and publish the model at `spec.output.uri`."""
+def run_finetune(
+    spec: JobSpec, *, address: str | None = None, overwrite: bool = False, progress: bool = True
+) -> FinetuneResult:
+    """Fine-tune `spec.stage.model` on `spec.input` and publish the model at `spec.output.uri`.
+
+    `address` joins a running Ray cluster (else an embedded one starts); `overwrite` is the CLI's
+    `--overwrite` (same as output.mode: overwrite). Raises ShardwiseError subclasses on failure.
+    """
     from models.loading import model_identity, resolve_model
     from models.registry import available_tasks, get_task
 
     started = time.time()
-    if spec.kind != "finetune" or spec.train is None:
-        raise SpecError("kind", f"run_finetune runs kind: finetune jobs with a 'train' section; got kind {spec.kind!r}")
     t = spec.train
+    if spec.kind != "finetune" or t is None:
+        raise SpecError(
+            "kind", f"run_finetune runs kind: finetune jobs with a 'train' section; got kind {spec.kind!r}"
+        )
+    if overwrite:
+        spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, mode="overwrite"))
     stage = spec.stage
     task = get_task(stage.task)
     if not callable(getattr(task, "training", None)):
-        can = sorted(name for name, tk in available_tasks().items() if callable(getattr(tk, "training", None)))
-        raise SpecError("stages[0].task", f"task {stage.task!r} cannot be fine-tuned yet; tasks that can: {can}")
+        can = sorted(
+            name for name, tk in available_tasks().items() if callable(getattr(tk, "training", None))
+        )
+        raise SpecError(
+            "stages[0].task", f"task {stage.task!r} cannot be fine-tuned yet; tasks that can: {can}"
+        )
 
     out = OutputDir(spec.output.uri, storage_options=spec.output.storage_options)
-    _prepare_output(spec, out)
+    _check_output(spec, out)
     data = _prepare_data(spec)
     # A local base model becomes an absolute path (workers run in their own directories); a remote one is
     # fetched by each worker into its node's cache.
     remote_model = "://" in stage.model and not stage.model.startswith("file://")
     base = stage.model if remote_model else resolve_model(stage.model, revision=stage.revision)
+    if not remote_model:
+        _check_base_model(base, stage.model)
     fp = _fingerprint(spec, data, model_identity(stage.model, revision=stage.revision))
     ckpt_uri = t.checkpoint_uri or posixpath.join(spec.output.uri.rstrip("/"), CHECKPOINTS)
     storage_path, storage_fs = _storage(ckpt_uri, spec.output.storage_options)
+    run_name = _run_name(spec, fp)
+    if spec.output.mode == "overwrite":
+        _clear_for_overwrite(out, posixpath.join(ckpt_uri, run_name), spec.output.storage_options)
 
     init_ray(address=address, num_cpus=None if address else _embedded_cpus(t.num_workers))
     if address is None:
@@ -468,8 +558,13 @@ def run_finetune(spec: JobSpec, *, address: str | None = None, progress: bool = 
     from ray.train.torch import TorchTrainer
 
     loop = _LoopConfig(
-        task=stage.task, base_model=base, input_names=tuple(stage.inputs),
-        label_names=data.label_names, train=t, train_rows=data.train.num_rows, has_eval=data.eval is not None,
+        task=stage.task,
+        base_model=base,
+        input_names=tuple(stage.inputs),
+        label_names=data.label_names,
+        train=t,
+        train_rows=data.train.num_rows,
+        has_eval=data.eval is not None,
         threads=max(1, (os.cpu_count() or 1) // t.num_workers),
     )
     datasets = {"train": _dataset(ray, data.train, blocks=t.num_workers * _BLOCKS_PER_WORKER)}
@@ -481,7 +576,9 @@ def run_finetune(spec: JobSpec, *, address: str | None = None, progress: bool = 
         train_loop_config={"loop": loop, "board": board},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
         run_config=ray.train.RunConfig(
-            name=_run_name(spec, fp), storage_path=storage_path, storage_filesystem=storage_fs,
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             # The latest checkpoint is all a resume needs; older ones would only take disk.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
@@ -500,8 +597,8 @@ def run_finetune(spec: JobSpec, *, address: str | None = None, progress: bool = 
         if isinstance(cause, ShardwiseError):
             raise cause from e
         raise JobFailed(
-            f"fine-tuning failed: {type(cause).__name__}: {cause}. Checkpoints of finished epochs are in "
-            f"{ckpt_uri!r}; rerun the same job to resume from the last one"
+            f"fine-tuning failed: {type(cause).__name__}: {str(cause).rstrip('.')}. Fix the cause and rerun "
+            f"the same job: it resumes from the last finished epoch, if any (checkpoints: {ckpt_uri!r})"
         ) from e
     finally:
         stop.set()
@@ -520,7 +617,11 @@ def run_finetune(spec: JobSpec, *, address: str | None = None, progress: bool = 
         "eval_rows": data.eval.num_rows if data.eval is not None else 0,
         "num_workers": t.num_workers,
         "use_gpu": t.use_gpu,
-        "train": spec_to_dict(t),
+        # Without storage options: they may hold credentials.
+        "train": {
+            **spec_to_dict(t),
+            "eval_input": t.eval_input and {"uri": t.eval_input.uri, "format": t.eval_input.format},
+        },
         "fingerprint": fp,
         "epochs": history,
         "wall_s": wall,
@@ -529,8 +630,13 @@ def run_finetune(spec: JobSpec, *, address: str | None = None, progress: bool = 
     if t.checkpoint_uri is None and out.exists(CHECKPOINTS):
         out.fs.rm(out.path(CHECKPOINTS), recursive=True)  # the published folder holds the final weights
     return FinetuneResult(
-        output_uri=spec.output.uri, epochs=len(history), train_rows=metrics["train_rows"],
-        eval_rows=metrics["eval_rows"], label_names=data.label_names, metrics=history, wall_s=wall,
+        output_uri=spec.output.uri,
+        epochs=len(history),
+        train_rows=metrics["train_rows"],
+        eval_rows=metrics["eval_rows"],
+        label_names=data.label_names,
+        metrics=history,
+        wall_s=wall,
     )
 
 
@@ -607,6 +713,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
+    from torch.nn.parallel import DistributedDataParallel
     from transformers import get_linear_schedule_with_warmup
 
     from models.loading import resolve_model
@@ -621,8 +728,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(t.seed)  # the fresh head starts the same everywhere (DDP also broadcasts rank 0's)
 
     base_dir = resolve_model(loop.base_model)
-    trainable: Trainable = get_task(loop.task).training(base_dir, label_names=loop.label_names,  # type: ignore[attr-defined]
-                                                         max_length=t.max_length)
+    task = cast(FineTunable, get_task(loop.task))
+    trainable = task.training(base_dir, label_names=loop.label_names, max_length=t.max_length)
     per_worker = max(1, t.batch_size // world)
     steps_per_epoch = math.ceil((loop.train_rows // world) / per_worker)  # equal split: same on every rank
     total_steps = steps_per_epoch * t.epochs
@@ -639,14 +746,16 @@ def _train_loop(config: dict[str, Any]) -> None:
     else:
         model = trainable.build_model(base_dir)
     model = ray.train.torch.prepare_model(model)  # to the worker's device; DDP when world > 1
-    core = model.module if hasattr(model, "module") else model
+    core: torch.nn.Module = model.module if isinstance(model, DistributedDataParallel) else model
     device = ray.train.torch.get_device()
 
     # No weight decay on biases and norm weights (1-d), as in the HF Trainer and nanoGPT.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
         lr=t.lr,
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
@@ -661,9 +770,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, t.epochs):
         epoch_start = time.time()
         model.train()
-        sums = torch.zeros(5, dtype=torch.float64)  # train loss·rows, train rows, eval loss·rows, correct, eval n
+        sums = torch.zeros(
+            5, dtype=torch.float64
+        )  # train loss·rows, train rows, eval loss·rows, correct, eval n
         for batch in train_shard.iter_batches(
-            batch_size=per_worker, batch_format="pyarrow", local_shuffle_buffer_size=per_worker * 8,
+            batch_size=per_worker,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=per_worker * 8,
             local_shuffle_seed=t.seed * 1_000_003 + epoch * 1_009 + rank,
         ):
             columns = {name: batch.column(name).to_pylist() for name in loop.input_names}
@@ -681,7 +794,10 @@ def _train_loop(config: dict[str, Any]) -> None:
             sums[1] += n
             step += 1
             if board is not None and rank == 0:
-                board.post.remote({"step": step, "epoch": f"{epoch + 1}/{t.epochs}", "loss": round(loss.item(), 4)})
+                shown = {"step": step, "epoch": f"{epoch + 1}/{t.epochs}", "loss": round(loss.item(), 4)}
+                if history and history[-1]["eval_accuracy"] is not None:
+                    shown["eval_acc"] = round(history[-1]["eval_accuracy"], 4)  # of the previous epoch
+                board.post.remote(shown)
 
         if eval_shard is not None:
             core.eval()  # the bare module: DDP's forward would sync buffers, and ranks run unequal batches here
@@ -720,13 +836,23 @@ def _train_loop(config: dict[str, Any]) -> None:
         }
         history.append(record)
         metrics = {k: v for k, v in record.items() if v is not None}
+        if board is not None and rank == 0 and record["eval_accuracy"] is not None:
+            board.post.remote(
+                {
+                    "step": step,
+                    "epoch": f"{epoch + 1}/{t.epochs}",
+                    "eval_acc": round(record["eval_accuracy"], 4),
+                }
+            )
         if rank == 0:
             with tempfile.TemporaryDirectory(prefix="shardwise-ckpt-") as tmp:
                 trainable.save(core, tmp)
                 Path(tmp, METRICS_FILE).write_text(json.dumps({"epochs": history}, indent=1))
                 if epoch + 1 < t.epochs:  # optimizer state only matters to a run that continues
-                    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                               Path(tmp, _TRAIN_STATE))
+                    torch.save(
+                        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                        Path(tmp, _TRAIN_STATE),
+                    )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)

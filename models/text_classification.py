@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from models.registry import RowError, parse_params_dataclass, register_task
 
-__all__ = ["TextClassification", "TextClassificationParams"]
+__all__ = ["TextClassification", "TextClassificationParams", "TextClassificationTrainable"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,9 @@ class _Preprocessor:
         from transformers import AutoConfig
 
         self.tokenizer = load_tokenizer(model_dir)
-        self.max_length = effective_max_length(self.tokenizer, AutoConfig.from_pretrained(model_dir), params.max_length)
+        self.max_length = effective_max_length(
+            self.tokenizer, AutoConfig.from_pretrained(model_dir), params.max_length
+        )
         self.truncation = params.truncation
 
     def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
@@ -96,7 +98,10 @@ class _Preprocessor:
             for j, i in enumerate(ok_rows):
                 ids = np.asarray(enc["input_ids"][j], dtype=np.int32)
                 if not self.truncation and len(ids) > self.max_length:
-                    out[i] = RowError("InputTooLong", f"{len(ids)} tokens > the model's {self.max_length}; set params.truncation: true")
+                    out[i] = RowError(
+                        "InputTooLong",
+                        f"{len(ids)} tokens > the model's {self.max_length}; set params.truncation: true",
+                    )
                     continue
                 row = {"input_ids": ids}
                 if has_types:
@@ -112,9 +117,13 @@ class _Runner:
 
         self.torch = torch
         self.device = torch.device(device)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, dtype=getattr(torch, dtype), use_safetensors=True
-        ).to(self.device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                model_dir, dtype=getattr(torch, dtype), use_safetensors=True
+            )
+            .to(self.device)
+            .eval()
+        )
         tokenizer = load_tokenizer(model_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -153,12 +162,18 @@ class _Postprocessor:
         self.top_k = params.top_k
         self.function_to_apply = None if params.function_to_apply == "default" else params.function_to_apply
 
-    def __call__(self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]) -> dict[str, Any]:
+    def __call__(
+        self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]
+    ) -> dict[str, Any]:
         import torch
 
         logits = torch.from_numpy(np.array(output["logits"], dtype=np.float32))[None]  # (1, num_labels)
         scores = self._postprocess(
-            self._pipe, {"logits": logits}, function_to_apply=self.function_to_apply, top_k=self.top_k, _legacy=False
+            self._pipe,
+            {"logits": logits},
+            function_to_apply=self.function_to_apply,
+            top_k=self.top_k,
+            _legacy=False,
         )
         row: dict[str, Any] = {"label": scores[0]["label"], "score": scores[0]["score"]}
         if self.top_k != 1:
@@ -191,11 +206,19 @@ class TextClassification:
     def load_preprocessor(self, model_dir: str, params: TextClassificationParams) -> _Preprocessor:
         return _Preprocessor(model_dir, params)
 
-    def load_runner(self, model_dir: str, params: TextClassificationParams, *, device: str, dtype: str) -> _Runner:
+    def load_runner(
+        self, model_dir: str, params: TextClassificationParams, *, device: str, dtype: str
+    ) -> _Runner:
         return _Runner(model_dir, device=device, dtype=dtype)
 
     def load_postprocessor(self, model_dir: str, params: TextClassificationParams) -> _Postprocessor:
         return _Postprocessor(model_dir, params)
+
+    def training(
+        self, base_dir: str, *, label_names: tuple[str, ...], max_length: int
+    ) -> TextClassificationTrainable:
+        """`jobs.finetune.FineTunable`: tasks without this method cannot be fine-tuned."""
+        return TextClassificationTrainable(base_dir, label_names=label_names, max_length=max_length)
 
 
 # --- fine-tuning ------------------------------------------------------------------------------------------
@@ -212,7 +235,9 @@ class TextClassificationTrainable:
 
         self.label_names = label_names
         self.tokenizer = load_tokenizer(base_dir)
-        self.max_length = effective_max_length(self.tokenizer, AutoConfig.from_pretrained(base_dir), max_length)
+        self.max_length = effective_max_length(
+            self.tokenizer, AutoConfig.from_pretrained(base_dir), max_length
+        )
 
     def build_model(self, weights_dir: str) -> Any:
         """The base model (or a checkpoint of this job) with `len(label_names)` outputs named after them."""
@@ -251,13 +276,3 @@ class TextClassificationTrainable:
         """A folder that `kind: inference` (and `from_pretrained`) loads: safetensors, config, tokenizer."""
         model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
-
-
-def _training(self: TextClassification, base_dir: str, *, label_names: tuple[str, ...],
-              max_length: int) -> TextClassificationTrainable:
-    return TextClassificationTrainable(base_dir, label_names=label_names, max_length=max_length)
-
-
-# Part of the task's interface (`jobs.finetune.FineTunable`): tasks without it cannot be fine-tuned.
-TextClassification.training = _training  # type: ignore[attr-defined]
-__all__ += ["TextClassificationTrainable"]

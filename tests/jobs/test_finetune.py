@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from jobs.finetune import FinetuneResult, resolve_labels, run_finetune
-from pipeline.errors import OutputError, SpecError
+from pipeline.errors import ModelError, OutputError, SpecError
 from pipeline.spec import JobSpec, parse_spec
 from tests.helpers import WORDS, job_dict, make_text_classifier, write_texts_parquet
 
@@ -30,16 +30,28 @@ def reviews(n: int, *, seed: int) -> tuple[list[str], list[str]]:
 
 
 def finetune_spec(tmp: Path, *, base: Path, train_uri: Path, **train: Any) -> JobSpec:
-    return parse_spec({
-        "name": "tiny-finetune",
-        "kind": "finetune",
-        "input": {"uri": str(train_uri), "id_column": "id"},
-        "stages": [{"name": "clf", "task": "text-classification", "model": str(base), "inputs": {"text": "text"}}],
-        "output": {"uri": str(tmp / "model")},
-        # A 2-layer, 32-wide BERT from scratch needs a much larger lr than a pretrained one.
-        "train": {"epochs": 3, "lr": 2e-3, "batch_size": 16, "max_length": 32, "num_workers": 2,
-                  "eval_fraction": 0.2, "seed": 0, **train},
-    })
+    return parse_spec(
+        {
+            "name": "tiny-finetune",
+            "kind": "finetune",
+            "input": {"uri": str(train_uri), "id_column": "id"},
+            "stages": [
+                {"name": "clf", "task": "text-classification", "model": str(base), "inputs": {"text": "text"}}
+            ],
+            "output": {"uri": str(tmp / "model")},
+            # A 2-layer, 32-wide BERT from scratch needs a much larger lr than a pretrained one.
+            "train": {
+                "epochs": 3,
+                "lr": 2e-3,
+                "batch_size": 16,
+                "max_length": 32,
+                "num_workers": 2,
+                "eval_fraction": 0.2,
+                "seed": 0,
+                **train,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +86,14 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def finetuned(ray_cluster, tmp_path_factory: pytest.TempPathFactory, base_model: Path,
-              data: dict[str, Path]) -> FinetuneResult:
+def finetuned(
+    ray_cluster, tmp_path_factory: pytest.TempPathFactory, base_model: Path, data: dict[str, Path]
+) -> FinetuneResult:
     tmp = tmp_path_factory.mktemp("finetune")
     return run_finetune(finetune_spec(tmp, base=base_model, train_uri=data["train"]), progress=False)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_two_workers_learn_the_rule(finetuned: FinetuneResult) -> None:
     assert finetuned.label_names == LABELS  # sorted distinct labels of the data
     assert (finetuned.train_rows, finetuned.eval_rows) == (320, 80)
@@ -106,7 +119,9 @@ def test_output_is_a_standard_hf_folder(finetuned: FinetuneResult) -> None:
     assert model.config.id2label == {0: "neg", 1: "pos"}
     assert model.config.label2id == {"neg": 0, "pos": 1}
     with torch.inference_mode():
-        logits = model(**tokenizer(["a great film", "the plot was slow"], return_tensors="pt", padding=True)).logits
+        logits = model(
+            **tokenizer(["a great film", "the plot was slow"], return_tensors="pt", padding=True)
+        ).logits
     assert logits.argmax(-1).tolist() == [1, 0]
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["label_names"] == ["neg", "pos"]
@@ -114,15 +129,17 @@ def test_output_is_a_standard_hf_folder(finetuned: FinetuneResult) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_inference_job_runs_on_the_finetuned_model(finetuned: FinetuneResult, data: dict[str, Path],
-                                                   tmp_path: Path) -> None:
+def test_inference_job_runs_on_the_finetuned_model(
+    finetuned: FinetuneResult, data: dict[str, Path], tmp_path: Path
+) -> None:
     import pyarrow.parquet as pq
 
     from pipeline.commit import read_output
     from pipeline.execute import run_inference
 
-    spec = parse_spec(job_dict(input_uri=str(data["test"]), output_uri=str(tmp_path / "preds"),
-                               model=finetuned.output_uri))
+    spec = parse_spec(
+        job_dict(input_uri=str(data["test"]), output_uri=str(tmp_path / "preds"), model=finetuned.output_uri)
+    )
     result = run_inference(spec, progress=False)
     assert result.state == "succeeded" and result.rows_ok == 100
     preds = read_output(str(tmp_path / "preds")).to_pandas().set_index("id")
@@ -133,8 +150,9 @@ def test_inference_job_runs_on_the_finetuned_model(finetuned: FinetuneResult, da
 
 
 @pytest.mark.timeout(60)
-def test_a_finished_model_is_not_overwritten_by_resume(finetuned: FinetuneResult, base_model: Path,
-                                                       data: dict[str, Path], monkeypatch) -> None:
+def test_a_finished_model_is_not_overwritten_by_resume(
+    finetuned: FinetuneResult, base_model: Path, data: dict[str, Path], monkeypatch
+) -> None:
     monkeypatch.setattr("jobs.finetune.init_ray", _no_ray)
     spec = finetune_spec(Path(finetuned.output_uri).parent, base=base_model, train_uri=data["train"])
     with pytest.raises(OutputError, match="already holds a finished fine-tuned model.*overwrite"):
@@ -150,22 +168,51 @@ def _no_ray(**_: Any) -> None:
 
 BAD_LABELS = [
     # (id, labels, train overrides, error key, message fragments)
-    ("null label", ["pos", None, "neg", None], {}, "train.label_column",
-     ["column 'label' has 2 null label(s)", "row ids ['1', '3']", "Drop or fill"]),
-    ("label not in names", ["pos", "neg", "posit", "posit"], {"label_names": ["neg", "pos"]}, "train.label_names",
-     ["not in train.label_names ['neg', 'pos']", "'posit' (2 rows)", "add those names"]),
-    ("int id out of range", [0, 1, 2, 1], {"label_names": ["neg", "pos"]}, "train.label_names",
-     ["ids into train.label_names", "(0..1 for ['neg', 'pos'])", "2 (1 row)"]),
+    (
+        "null label",
+        ["pos", None, "neg", None],
+        {},
+        "train.label_column",
+        ["column 'label' has 2 null label(s)", "row ids ['1', '3']", "Drop or fill"],
+    ),
+    (
+        "label not in names",
+        ["pos", "neg", "posit", "posit"],
+        {"label_names": ["neg", "pos"]},
+        "train.label_names",
+        ["not in train.label_names ['neg', 'pos']", "'posit' (2 rows)", "add those names"],
+    ),
+    (
+        "int id out of range",
+        [0, 1, 2, 1],
+        {"label_names": ["neg", "pos"]},
+        "train.label_names",
+        ["ids into train.label_names", "(0..1 for ['neg', 'pos'])", "2 (1 row)"],
+    ),
     ("one class", ["pos", "pos", "pos", "pos"], {}, "train.label_column", ["1 distinct label(s) ['pos']"]),
-    ("float labels", [0.5, 1.0, 0.0, 1.0], {}, "train.label_column", ["type double", "strings (class names) or integers"]),
+    (
+        "float labels",
+        [0.5, 1.0, 0.0, 1.0],
+        {},
+        "train.label_column",
+        ["type double", "strings (class names) or integers"],
+    ),
 ]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("labels", "train", "key", "fragments"), [b[1:] for b in BAD_LABELS],
-                         ids=[b[0] for b in BAD_LABELS])
-def test_bad_labels_fail_before_ray(tmp_path: Path, base_model: Path, monkeypatch, labels: list[Any],
-                                    train: dict[str, Any], key: str, fragments: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("labels", "train", "key", "fragments"), [b[1:] for b in BAD_LABELS], ids=[b[0] for b in BAD_LABELS]
+)
+def test_bad_labels_fail_before_ray(
+    tmp_path: Path,
+    base_model: Path,
+    monkeypatch,
+    labels: list[Any],
+    train: dict[str, Any],
+    key: str,
+    fragments: list[str],
+) -> None:
     monkeypatch.setattr("jobs.finetune.init_ray", _no_ray)
     texts = ["a great film", "bad", "good fun", "dull"]
     uri = write_texts_parquet(tmp_path / "train.parquet", texts, extra={"label": labels})
@@ -179,20 +226,29 @@ def test_bad_labels_fail_before_ray(tmp_path: Path, base_model: Path, monkeypatc
 
 
 @pytest.mark.timeout(60)
-def test_missing_label_column_and_null_text_name_their_keys(tmp_path: Path, base_model: Path, monkeypatch) -> None:
+def test_missing_label_column_and_null_text_name_their_keys(
+    tmp_path: Path, base_model: Path, monkeypatch
+) -> None:
     monkeypatch.setattr("jobs.finetune.init_ray", _no_ray)
-    uri = write_texts_parquet(tmp_path / "train.parquet", ["good", None, "bad"], extra={"label": ["pos", "neg", "neg"]})
-    with pytest.raises(SpecError, match=r"column 'text' of .* has 1 null value\(s\) \(row ids \['1'\]\)") as info:
+    uri = write_texts_parquet(
+        tmp_path / "train.parquet", ["good", None, "bad"], extra={"label": ["pos", "neg", "neg"]}
+    )
+    with pytest.raises(
+        SpecError, match=r"column 'text' of .* has 1 null value\(s\) \(row ids \['1'\]\)"
+    ) as info:
         run_finetune(finetune_spec(tmp_path, base=base_model, train_uri=uri), progress=False)
     assert info.value.key == "stages[0].inputs.text"
     with pytest.raises(SpecError, match="column 'sentiment' is not in") as info:
-        run_finetune(finetune_spec(tmp_path, base=base_model, train_uri=uri, label_column="sentiment"), progress=False)
+        run_finetune(
+            finetune_spec(tmp_path, base=base_model, train_uri=uri, label_column="sentiment"), progress=False
+        )
     assert info.value.key == "train.label_column"
 
 
 @pytest.mark.timeout(60)
-def test_error_if_exists_refuses_any_content(tmp_path: Path, base_model: Path, data: dict[str, Path],
-                                             monkeypatch) -> None:
+def test_error_if_exists_refuses_any_content(
+    tmp_path: Path, base_model: Path, data: dict[str, Path], monkeypatch
+) -> None:
     monkeypatch.setattr("jobs.finetune.init_ray", _no_ray)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "notes.txt").write_text("mine")
@@ -204,11 +260,32 @@ def test_error_if_exists_refuses_any_content(tmp_path: Path, base_model: Path, d
 
 def test_label_names_from_the_data() -> None:
     ids = ["0", "1", "2", "3"]
-    assert resolve_labels(pa.array(["pos", "neg", "pos", "mixed"]), label_names=None, column="y",
-                          row_ids=ids) == (("mixed", "neg", "pos"), [2, 1, 2, 0])
+    assert resolve_labels(
+        pa.array(["pos", "neg", "pos", "mixed"]), label_names=None, column="y", row_ids=ids
+    ) == (("mixed", "neg", "pos"), [2, 1, 2, 0])
     # Integers without names are named by their value; with names they are ids (datasets.ClassLabel).
-    assert resolve_labels(pa.array([3, 1, 3, 1]), label_names=None, column="y", row_ids=ids) == (("1", "3"), [1, 0, 1, 0])
-    assert resolve_labels(pa.array([1, 0, 1, 1]), label_names=("neg", "pos"), column="y",
-                          row_ids=ids) == (("neg", "pos"), [1, 0, 1, 1])
+    assert resolve_labels(pa.array([3, 1, 3, 1]), label_names=None, column="y", row_ids=ids) == (
+        ("1", "3"),
+        [1, 0, 1, 0],
+    )
+    assert resolve_labels(pa.array([1, 0, 1, 1]), label_names=("neg", "pos"), column="y", row_ids=ids) == (
+        ("neg", "pos"),
+        [1, 0, 1, 1],
+    )
     dictionary = pa.array(["b", "a", "b", "a"]).dictionary_encode()
-    assert resolve_labels(dictionary, label_names=("b", "a"), column="y", row_ids=ids) == (("b", "a"), [0, 1, 0, 1])
+    assert resolve_labels(dictionary, label_names=("b", "a"), column="y", row_ids=ids) == (
+        ("b", "a"),
+        [0, 1, 0, 1],
+    )
+
+
+@pytest.mark.timeout(60)
+def test_a_base_model_without_config_fails_before_ray(
+    tmp_path: Path, data: dict[str, Path], monkeypatch
+) -> None:
+    monkeypatch.setattr("jobs.finetune.init_ray", _no_ray)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="cannot be loaded as a base model.*config.json"):
+        run_finetune(
+            finetune_spec(tmp_path, base=tmp_path / "empty", train_uri=data["train"]), progress=False
+        )
