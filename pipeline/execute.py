@@ -121,36 +121,22 @@ def init_ray(*, address: str | None, num_cpus: int | None = None, num_gpus: int 
 # Stage functions (run in Ray workers). Loaded objects are cached per worker process.
 
 
-@functools.lru_cache(maxsize=4)
-def _preprocessor(task_name: str, model: str, revision: str | None, options: str, params: str) -> Any:
+@functools.lru_cache(maxsize=8)
+def _loaded(role: str, task_name: str, model: str, revision: str | None, params: str) -> Any:
+    """The task's preprocessor or postprocessor, loaded once per worker process (Ray reuses workers)."""
     from models.loading import resolve_model
     from models.registry import get_task
 
     task = get_task(task_name)
-    model_dir = resolve_model(model, revision=revision, storage_options=json.loads(options))
-    return task.load_preprocessor(model_dir, task.parse_params(json.loads(params), key="params"))
+    model_dir = resolve_model(model, revision=revision)
+    parsed = task.parse_params(json.loads(params), key="params")
+    if role == "preprocess":
+        return task.load_preprocessor(model_dir, parsed)
+    return task.load_postprocessor(model_dir, parsed)
 
 
-@functools.lru_cache(maxsize=4)
-def _postprocessor(task_name: str, model: str, revision: str | None, options: str, params: str) -> Any:
-    from models.loading import resolve_model
-    from models.registry import get_task
-
-    task = get_task(task_name)
-    model_dir = resolve_model(model, revision=revision, storage_options=json.loads(options))
-    return task.load_postprocessor(model_dir, task.parse_params(json.loads(params), key="params"))
-
-
-def _stage_key(stage: StageSpec) -> tuple[str, str, str | None, str, str]:
-    from pipeline.spec import spec_to_dict
-
-    return (
-        stage.task,
-        stage.model,
-        stage.revision,
-        json.dumps({}),
-        json.dumps(spec_to_dict(stage.params), sort_keys=True),
-    )
+def _stage_key(stage: StageSpec) -> tuple[str, str, str | None, str]:
+    return (stage.task, stage.model, stage.revision, json.dumps(spec_to_dict(stage.params), sort_keys=True))
 
 
 def _isolate(
@@ -183,7 +169,7 @@ def read_preprocess(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
     spec: JobSpec = job["spec"]
     stage = spec.stage
     task = get_task(stage.task)
-    preprocess = _preprocessor(*job["stage_key"])
+    preprocess = _loaded("preprocess", *job["stage_key"])
     out = []
     for shard_json in batch.column("shard").to_pylist():
         shard = Shard.from_dict(json.loads(shard_json))
@@ -226,7 +212,7 @@ def postprocess_commit(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
     spec: JobSpec = job["spec"]
     stage = spec.stage
     task = get_task(stage.task)
-    postprocess = _postprocessor(*job["stage_key"])
+    postprocess = _loaded("postprocess", *job["stage_key"])
     schema: pa.Schema = job["output_schema"]
     out_dir: OutputDir = job["output"]
     records = []
@@ -546,7 +532,7 @@ def run_inference(
 def _build_dataset(ray: Any, spec: JobSpec, todo: list[Shard], job: dict[str, Any]) -> Any:
     from ray.data import ActorPoolStrategy, DataContext
 
-    from pipeline.replica import Replica, resolve_device
+    from pipeline.replica import Replica
 
     stage = spec.stage
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar and summary replace its logs
@@ -556,7 +542,6 @@ def _build_dataset(ray: Any, spec: JobSpec, todo: list[Shard], job: dict[str, An
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = False
     lo, hi = stage.replica_range()
-    device = resolve_device(stage.device, stage.num_gpus) if stage.num_gpus == 0 else stage.device
     threads = (
         int(stage.num_cpus)
         if stage.num_cpus
@@ -586,9 +571,8 @@ def _build_dataset(ray: Any, spec: JobSpec, todo: list[Shard], job: dict[str, An
             "task": stage.task,
             "model": stage.model,
             "revision": stage.revision,
-            "storage_options": {},
             "params": dict(stage.params),
-            "device": device,
+            "device": stage.device,  # "auto" resolves inside the actor, where the GPU is visible
             "dtype": stage.dtype,
             "num_gpus": stage.num_gpus,
             "batch_size": stage.batch_size,

@@ -50,7 +50,6 @@ class Replica:
         task: str,
         model: str,
         revision: str | None,
-        storage_options: dict[str, Any],
         params: dict[str, Any],
         device: str,
         dtype: str,
@@ -71,7 +70,7 @@ class Replica:
         torch.set_num_threads(threads)
         self.device = resolve_device(device, num_gpus)
         self.dtype = resolve_dtype(dtype, self.device)
-        model_dir = resolve_model(model, revision=revision, storage_options=storage_options)
+        model_dir = resolve_model(model, revision=revision)
         self.runner = self.task.load_runner(model_dir, self.params, device=self.device, dtype=self.dtype)
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
