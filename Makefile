@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(PY) -m jobs.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check pipeline models jobs infra tests bench
