@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 # CPU (logical) reserved by each read/preprocess and commit task. Replicas reserve their own.
 _TASK_CPUS = 1.0
 _COMMIT_CPUS = 0.5
+# Resident memory of a worker that has imported torch + transformers + a tokenizer (measured ~280 MiB).
+_TASK_BASE_MEMORY = 384 * 1024 * 1024
 
 
 @dataclass
@@ -555,10 +557,10 @@ def _build_dataset(ray: Any, spec: JobSpec, todo: list[Shard], job: dict[str, An
         batch_format="pyarrow",
         fn_kwargs={"job": job},
         num_cpus=_TASK_CPUS,
-        # Reserve memory for a shard in flight (its rows + features). Remote args that differ from the
-        # replica's also keep Ray Data from fusing this CPU stage into the replica actor: tokenizing must
-        # run in parallel CPU tasks, not on the replica's critical path.
-        memory=2 * spec.input.shard_bytes,
+        # Reserve memory for a shard in flight (its rows + features) on top of the worker's libraries.
+        # Remote args that differ from the replica's also keep Ray Data from fusing this CPU stage into
+        # the replica actor: tokenizing must run in parallel CPU tasks, not on the replica's critical path.
+        memory=_TASK_BASE_MEMORY + 2 * spec.input.shard_bytes,
     )
     ds = ds.map_batches(
         Replica,
