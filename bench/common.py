@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import statistics
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CpuMeter",
     "RESULTS_DIR",
     "SystemRun",
     "agreement",
@@ -50,6 +52,11 @@ class SystemRun:
     labels: list[str] = field(repr=False, default_factory=list)  # one per input row, in input order
     scores: list[float] = field(repr=False, default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # per-system details (stage times, threads, ...)
+    # CPU seconds this process and all its descendants (the embedded Ray cluster) used during the run, and
+    # the 1-minute load average when it started: on a shared machine, rows/s moves with other people's load
+    # while rows per CPU-second does not.
+    cpu_s: float | None = None
+    load_1m: float | None = None
 
     @property
     def rows_per_s(self) -> float:
@@ -61,6 +68,10 @@ class SystemRun:
             return self.wall_s
         return max(0.0, self.wall_s - self.rows / self.steady_rows_per_s)
 
+    @property
+    def rows_per_cpu_s(self) -> float | None:
+        return self.rows / self.cpu_s if self.cpu_s else None
+
     def figures(self) -> dict[str, Any]:
         return {
             "rows": self.rows,
@@ -68,8 +79,97 @@ class SystemRun:
             "rows_per_s": round(self.rows_per_s, 2),
             "steady_rows_per_s": round(self.steady_rows_per_s, 2),
             "startup_s": round(self.startup_s, 3),
+            "cpu_s": _round(self.cpu_s, 2),
+            "rows_per_cpu_s": _round(self.rows_per_cpu_s, 2),
+            "load_1m": _round(self.load_1m, 2),
             "extra": self.extra,
         }
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return round(value, digits) if value is not None else None
+
+
+class CpuMeter:
+    """CPU seconds (user + system) used by this process and all its descendants while the meter runs.
+
+        with CpuMeter() as meter:
+            run()
+        meter.cpu_s  # None where /proc is missing
+
+    The embedded Ray cluster (GCS, raylet, workers) descends from the driver, so this is a whole job's CPU
+    cost. Processes are sampled from /proc every `interval_s` and each one's last sample counts: a Ray
+    worker that exits is reaped without its time reaching any parent's `cutime`, so reading totals only at
+    the end would lose every actor that Ray Data shut down before then. A process that lives and dies
+    between two samples is missed; one that dies loses at most `interval_s` of its time. A sample reads
+    /proc/<pid>/stat of the tree only (plus each new pid once), so it stays cheap on a busy machine.
+    """
+
+    def __init__(self, *, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.cpu_s: float | None = None
+        self._base: dict[tuple[int, str], int] = {}
+        self._last: dict[tuple[int, str], int] = {}
+        self._ours: set[int] = {os.getpid()}
+        self._foreign: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> CpuMeter:
+        sample = self._sample()
+        if sample is not None:
+            self._base = dict(sample)
+            self._last = dict(sample)
+            self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._last.update(self._sample() or {})
+        ticks = sum(t - self._base.get(k, 0) for k, t in self._last.items())
+        self.cpu_s = ticks / os.sysconf("SC_CLK_TCK")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._last.update(self._sample() or {})
+
+    def _sample(self) -> dict[tuple[int, str], int] | None:
+        """{(pid, start time): utime + stime in clock ticks} for this process and its descendants."""
+        try:
+            pids = sorted(int(e.name) for e in os.scandir("/proc") if e.name.isdigit())
+        except OSError:
+            return None
+        out: dict[tuple[int, str], int] = {}
+        # Ascending pids visit a parent before its children, except after pid wrap-around; the rare child
+        # classified as foreign that way is lost to the meter, a bounded error accepted for the speed.
+        for pid in pids:
+            if pid in self._foreign:
+                continue
+            fields = _stat_fields(pid)
+            if fields is None:
+                continue  # exited meanwhile
+            if pid not in self._ours:
+                if int(fields[1]) not in self._ours:
+                    self._foreign.add(pid)
+                    continue
+                self._ours.add(pid)
+            out[(pid, fields[19])] = int(fields[11]) + int(fields[12])  # start time tells a reused pid apart
+        return out
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after "pid (comm) ": state ppid pgrp session tty tpgid flags minflt
+    cminflt majflt cmajflt utime stime cutime cstime priority nice num_threads itrealvalue starttime ...
+    (comm may hold spaces and parentheses, hence the split after the last ")")."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -84,10 +184,14 @@ def rt_review_pool() -> list[str]:
     from infra.assets import asset_cache, write_rt_splits
 
     train, test = write_rt_splits(asset_cache() / "rt")
-    return [t for path in (test, train) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
+    return [
+        t for path in (test, train) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    ]
 
 
-def build_texts(pool: Sequence[str], n: int, *, seed: int, min_words: int = 5, max_words: int = 200) -> list[str]:
+def build_texts(
+    pool: Sequence[str], n: int, *, seed: int, min_words: int = 5, max_words: int = 200
+) -> list[str]:
     """`n` texts whose word counts are drawn uniformly from [min_words, max_words], each made by
     concatenating reviews from `pool` (walked in a seeded shuffled order) and cutting at the target length.
     The same pool and seed give the same texts on every machine."""
@@ -153,14 +257,20 @@ def summarize(runs: Sequence[SystemRun], *, reference: str) -> dict[str, dict[st
             "steady_rows_per_s": round(med(rs, "steady_rows_per_s"), 2),
             "startup_s": round(med(rs, "startup_s"), 3),
             "wall_s": round(med(rs, "wall_s"), 3),
+            "rows_per_cpu_s": _median_or_none([r.rows_per_cpu_s for r in rs], 2),
             "repeats": [r.figures() for r in rs],
         }
     ref = out.get(reference)
     for fig in out.values():
-        for key in ("rows_per_s", "steady_rows_per_s"):
-            ratio = fig[key] / ref[key] if ref and ref[key] > 0 else None
+        for key in ("rows_per_s", "steady_rows_per_s", "rows_per_cpu_s"):
+            ratio = fig[key] / ref[key] if ref and ref[key] and fig[key] is not None else None
             fig[f"{key}_vs_{reference}"] = round(ratio, 3) if ratio is not None else None
     return out
+
+
+def _median_or_none(values: Sequence[float | None], digits: int) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), digits) if present else None
 
 
 def machine_info(*, device: str, torch_threads: int) -> dict[str, Any]:
@@ -230,21 +340,39 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def format_table(summary: Mapping[str, Mapping[str, Any]], *, reference: str,
-                 agreement_vs_reference: Mapping[str, float]) -> str:
-    """A fixed-width table: one line per system, figures as medians over repeats."""
-    head = (f"{'system':<16}{'rows/s':>10}{'steady rows/s':>15}{'startup s':>11}{'wall s':>9}"
-            f"{'x ' + reference[:8] + ' (steady)':>22}{'x (whole job)':>15}{'agree':>8}")
+def format_table(
+    summary: Mapping[str, Mapping[str, Any]], *, reference: str, agreement_vs_reference: Mapping[str, float]
+) -> str:
+    """A fixed-width table: one line per system, figures as medians over repeats, ratios to `reference`."""
+    cols = [
+        ("system", 12, "<"),
+        ("rows/s", 9, ">"),
+        ("steady", 9, ">"),
+        ("startup s", 10, ">"),
+        ("wall s", 8, ">"),
+        ("rows/cpu-s", 11, ">"),
+        (f"steady x{reference[:4]}", 14, ">"),
+        (f"job x{reference[:4]}", 11, ">"),
+        (f"cpu x{reference[:4]}", 11, ">"),
+        ("agree", 9, ">"),
+    ]
+    head = "".join(f"{name:{align}{width}}" for name, width, align in cols)
     lines = [head, "-" * len(head)]
     for name, fig in summary.items():
-        ratio = fig.get(f"steady_rows_per_s_vs_{reference}")
-        ratio_all = fig.get(f"rows_per_s_vs_{reference}")
         agree = agreement_vs_reference.get(name)
-        lines.append(
-            f"{name:<16}{fig['rows_per_s']:>10.1f}{fig['steady_rows_per_s']:>15.1f}{fig['startup_s']:>11.2f}"
-            f"{fig['wall_s']:>9.2f}{_fmt(ratio, 'x'):>22}{_fmt(ratio_all, 'x'):>15}"
-            f"{(f'{agree:.2%}' if agree is not None else '-'):>8}"
-        )
+        cells = [
+            name,
+            f"{fig['rows_per_s']:.1f}",
+            f"{fig['steady_rows_per_s']:.1f}",
+            f"{fig['startup_s']:.2f}",
+            f"{fig['wall_s']:.1f}",
+            _fmt(fig.get("rows_per_cpu_s"), ""),
+            _fmt(fig.get(f"steady_rows_per_s_vs_{reference}"), "x"),
+            _fmt(fig.get(f"rows_per_s_vs_{reference}"), "x"),
+            _fmt(fig.get(f"rows_per_cpu_s_vs_{reference}"), "x"),
+            f"{agree:.2%}" if agree is not None else "-",
+        ]
+        lines.append("".join(f"{c:{align}{width}}" for c, (_, width, align) in zip(cells, cols, strict=True)))
     return "\n".join(lines)
 
 

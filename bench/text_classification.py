@@ -43,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from bench.common import (
+    CpuMeter,
     SystemRun,
     agreement,
     build_texts,
@@ -74,16 +75,23 @@ class BenchConfig:
     seed: int = 0
     min_words: int = 5
     max_words: int = 200
-    # shardwise: rows per shard. Small enough that the default 4,000 rows make ~16 shards (a pipeline to
-    # fill and a steady state to measure), large enough that per-shard overhead (a task, a Parquet file,
-    # a commit record) stays a few percent of a shard's forward time.
-    shard_rows: int = 256
+    # shardwise: rows per shard (input.shard_rows). The replica length-sorts within a shard, so padding
+    # waste shrinks as shards grow: on these texts (5–200 words, batch 32) a 250-row shard pads to 1.13× the
+    # real tokens, 1,000 rows to 1.035×, 4,000 to 1.01×, unsorted batches (pipeline, naive_ray) to 1.93×.
+    # 1,000 keeps that near the floor and still gives the default 4,000 rows four shards, so a steady state
+    # (commits after the first) can be measured; shardwise's own default (4,096) would make one shard.
+    shard_rows: int = 1000
     max_batch_tokens: int | None = None
     # Rows of the warm-up pass each system gets before it is timed (Ray jobs: a whole small job, so worker
     # processes exist and have imported torch).
     warmup_rows: int = 64
     systems: tuple[str, ...] = SYSTEMS
     min_agreement: float = 0.99
+    # Niceness of the embedded Ray cluster's workers when the benchmark starts it. Ray's default is 15, which
+    # on a machine with other work makes every Ray-hosted system yield to anything at niceness 0 (the
+    # in-process systems included), so the comparison would measure the scheduler, not the systems.
+    # None keeps Ray's default.
+    ray_worker_niceness: int | None = 0
 
     def resolved_dtype(self) -> str:
         if self.dtype is not None:
@@ -100,7 +108,12 @@ def prepare_model(size: Literal["minilm", "base"], dest: Path, *, seed: int = 0)
     `dest`, so every system loads identical weights from disk (a fresh `from_pretrained(num_labels=2)` per
     system would draw a different head each time)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+    )
     from transformers.utils import logging as hf_logging
 
     from infra.assets import fetch_minilm
@@ -114,9 +127,15 @@ def prepare_model(size: Literal["minilm", "base"], dest: Path, *, seed: int = 0)
         if size == "minilm":
             model = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=2)
         elif size == "base":
-            config = BertConfig(vocab_size=len(tokenizer), hidden_size=768, num_hidden_layers=12,
-                                num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
-                                num_labels=2)
+            config = BertConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=768,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                intermediate_size=3072,
+                max_position_embeddings=512,
+                num_labels=2,
+            )
             model = BertForSequenceClassification(config)
         else:
             raise ValueError(f"unknown model size {size!r}; choose minilm or base")
@@ -133,7 +152,9 @@ def _write_inputs(path: Path, texts: Sequence[str]) -> Path:
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"id": pa.array(range(len(texts)), pa.int64()), "text": pa.array(texts, pa.string())}), path)
+    pq.write_table(
+        pa.table({"id": pa.array(range(len(texts)), pa.int64()), "text": pa.array(texts, pa.string())}), path
+    )
     return path
 
 
@@ -141,12 +162,17 @@ def _read_labels(uri: Path, n: int) -> tuple[list[str], list[float]]:
     """label/score per input row id from a Parquet output directory (ids 0..n-1)."""
     import pyarrow.dataset as pads
 
-    table = pads.dataset(str(uri), format="parquet", exclude_invalid_files=True,
-                         ignore_prefixes=["_", "."]).to_table(columns=["id", "label", "score"])
+    table = pads.dataset(
+        str(uri), format="parquet", exclude_invalid_files=True, ignore_prefixes=["_", "."]
+    ).to_table(columns=["id", "label", "score"])
     labels: list[str] = [""] * n
     scores: list[float] = [float("nan")] * n
-    for i, label, score in zip(table.column("id").to_pylist(), table.column("label").to_pylist(),
-                               table.column("score").to_pylist(), strict=True):
+    for i, label, score in zip(
+        table.column("id").to_pylist(),
+        table.column("label").to_pylist(),
+        table.column("score").to_pylist(),
+        strict=True,
+    ):
         labels[int(i)] = label
         scores[int(i)] = score
     return labels, scores
@@ -180,20 +206,29 @@ def _shardwise_spec(cfg: BenchConfig, inp: _Inputs, *, input_path: Path, out_uri
     from pipeline.spec import parse_spec
 
     stage: dict[str, Any] = {
-        "name": "classify", "task": "text-classification", "model": str(inp.model_dir), "inputs": {"text": "text"},
-        "params": {"truncation": True, "max_length": inp.max_length}, "batch_size": cfg.batch_size,
-        "max_batch_tokens": cfg.max_batch_tokens, "replicas": 1, "dtype": cfg.resolved_dtype(),
-        "device": cfg.device, "num_gpus": 1 if cfg.device == "cuda" else 0,
+        "name": "classify",
+        "task": "text-classification",
+        "model": str(inp.model_dir),
+        "inputs": {"text": "text"},
+        "params": {"truncation": True, "max_length": inp.max_length},
+        "batch_size": cfg.batch_size,
+        "max_batch_tokens": cfg.max_batch_tokens,
+        "replicas": 1,
+        "dtype": cfg.resolved_dtype(),
+        "device": cfg.device,
+        "num_gpus": 1 if cfg.device == "cuda" else 0,
     }
     if cfg.device == "cpu" and cfg.threads != _shardwise_default_threads():
         # The replica's torch threads follow its CPU reservation when one is set (pipeline.execute).
         stage["num_cpus"] = float(cfg.threads)
-    return parse_spec({
-        "name": "bench-text-classification",
-        "input": {"uri": str(input_path), "id_column": "id", "shard_rows": cfg.shard_rows},
-        "stages": [stage],
-        "output": {"uri": str(out_uri), "mode": "overwrite"},
-    })
+    return parse_spec(
+        {
+            "name": "bench-text-classification",
+            "input": {"uri": str(input_path), "id_column": "id", "shard_rows": cfg.shard_rows},
+            "stages": [stage],
+            "output": {"uri": str(out_uri), "mode": "overwrite"},
+        }
+    )
 
 
 def _shardwise_default_threads() -> int:
@@ -216,7 +251,12 @@ def run_shardwise(cfg: BenchConfig, inp: _Inputs, *, tag: str, input_path: Path 
     steady = _steady(events)
     labels, scores = _read_labels(out_uri, rows)
     return SystemRun(
-        "shardwise", rows, wall, steady if steady is not None else rows / wall, labels, scores,
+        "shardwise",
+        rows,
+        wall,
+        steady if steady is not None else rows / wall,
+        labels,
+        scores,
         extra={
             "shards": len(shards),
             "shard_rows": cfg.shard_rows,
@@ -236,8 +276,14 @@ def run_pipeline(cfg: BenchConfig, inp: _Inputs, *, texts: Sequence[str] | None 
     texts = list(texts if texts is not None else inp.texts)
     t0 = time.perf_counter()
     pipe = pipeline(
-        "text-classification", model=str(inp.model_dir), tokenizer=str(inp.model_dir), batch_size=cfg.batch_size,
-        truncation=True, max_length=inp.max_length, device=cfg.device, dtype=getattr(torch, cfg.resolved_dtype()),
+        "text-classification",
+        model=str(inp.model_dir),
+        tokenizer=str(inp.model_dir),
+        batch_size=cfg.batch_size,
+        truncation=True,
+        max_length=inp.max_length,
+        device=cfg.device,
+        dtype=getattr(torch, cfg.resolved_dtype()),
     )
     t1 = time.perf_counter()
     if cfg.warmup_rows:
@@ -250,8 +296,12 @@ def run_pipeline(cfg: BenchConfig, inp: _Inputs, *, texts: Sequence[str] | None 
     del pipe
     gc.collect()
     return SystemRun(
-        "pipeline", len(texts), t3 - t0, len(texts) / (t3 - t2),
-        [o["label"] for o in out], [float(o["score"]) for o in out],
+        "pipeline",
+        len(texts),
+        t3 - t0,
+        len(texts) / (t3 - t2),
+        [o["label"] for o in out],
+        [float(o["score"]) for o in out],
         extra={"construct_s": round(t1 - t0, 3), "warmup_s": round(t2 - t1, 3)},
     )
 
@@ -268,14 +318,22 @@ class _NaiveClassifier:
         self.device = device
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+            .to(device)
+            .eval()
+        )
         self.id2label = self.model.config.id2label
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
-        enc = self.tokenizer(list(batch["text"]), padding="longest", truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
+        enc = self.tokenizer(
+            list(batch["text"]),
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
         with torch.inference_mode():
             probs = self.model(**enc).logits.float().softmax(-1).cpu().numpy()  # (B, num_labels)
         best = probs.argmax(-1)
@@ -299,11 +357,18 @@ def run_naive_ray(cfg: BenchConfig, inp: _Inputs, *, tag: str, input_path: Path 
     ds = ray.data.read_parquet(str(input_path))
     ds = ds.map_batches(
         _NaiveClassifier,
+        compute=ray.data.ActorPoolStrategy(size=1),
         fn_constructor_args=(str(inp.model_dir),),
-        fn_constructor_kwargs={"device": cfg.device, "dtype": cfg.resolved_dtype(), "threads": cfg.threads,
-                               "max_length": inp.max_length},
-        batch_size=cfg.batch_size, batch_format="numpy", concurrency=1,
-        num_cpus=0 if cfg.device == "cuda" else 1, num_gpus=1 if cfg.device == "cuda" else 0,
+        fn_constructor_kwargs={
+            "device": cfg.device,
+            "dtype": cfg.resolved_dtype(),
+            "threads": cfg.threads,
+            "max_length": inp.max_length,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        num_cpus=0 if cfg.device == "cuda" else 1,
+        num_gpus=1 if cfg.device == "cuda" else 0,
     )
     ds.write_parquet(str(out_dir))
     wall = time.time() - started
@@ -313,9 +378,16 @@ def run_naive_ray(cfg: BenchConfig, inp: _Inputs, *, tag: str, input_path: Path 
     steady = _steady(list(zip(done.tolist(), counts.tolist(), strict=True)))
     labels, scores = _read_labels(out_dir, rows)
     return SystemRun(
-        "naive_ray", rows, wall, steady if steady is not None else rows / wall, labels, scores,
-        extra={"first_batch_s": round(float(done[0]) - started, 3) if len(done) else None,
-               "last_batch_s": round(float(done[-1]) - started, 3) if len(done) else None},
+        "naive_ray",
+        rows,
+        wall,
+        steady if steady is not None else rows / wall,
+        labels,
+        scores,
+        extra={
+            "first_batch_s": round(float(done[0]) - started, 3) if len(done) else None,
+            "last_batch_s": round(float(done[-1]) - started, 3) if len(done) else None,
+        },
     )
 
 
@@ -325,8 +397,13 @@ def run_model_only(cfg: BenchConfig, inp: _Inputs) -> SystemRun:
 
     pad_id = AutoTokenizer.from_pretrained(inp.model_dir).pad_token_id or 0
     t0 = time.perf_counter()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        inp.model_dir, dtype=getattr(torch, cfg.resolved_dtype())).to(cfg.device).eval()
+    model = (
+        AutoModelForSequenceClassification.from_pretrained(
+            inp.model_dir, dtype=getattr(torch, cfg.resolved_dtype())
+        )
+        .to(cfg.device)
+        .eval()
+    )
     t1 = time.perf_counter()
     # Pre-padded, length-sorted batches, on the device before the clock starts: only forward is timed.
     order = sorted(range(len(inp.input_ids)), key=lambda i: -len(inp.input_ids[i]))
@@ -361,7 +438,12 @@ def run_model_only(cfg: BenchConfig, inp: _Inputs) -> SystemRun:
     gc.collect()
     n = len(order)
     return SystemRun(
-        "model_only", n, (t1 - t0) + (t4 - t2), n / (t4 - t3), labels, scores,
+        "model_only",
+        n,
+        (t1 - t0) + (t4 - t2),
+        n / (t4 - t3),
+        labels,
+        scores,
         extra={"load_s": round(t1 - t0, 3), "warmup_s": round(t3 - t2, 3), "pad_s": round(t2 - t1, 3)},
     )
 
@@ -377,8 +459,25 @@ def _sync(device: str) -> None:
 # The run
 
 
-def run_benchmark(cfg: BenchConfig, *, model_dir: Path, texts: Sequence[str], work_dir: Path,
-                  results_dir: Path | None = None, log: Any = print) -> tuple[dict[str, Any], Path]:
+def _run_system(system: str, cfg: BenchConfig, inp: _Inputs, *, tag: str) -> SystemRun:
+    if system == "shardwise":
+        return run_shardwise(cfg, inp, tag=tag)
+    if system == "naive_ray":
+        return run_naive_ray(cfg, inp, tag=tag)
+    if system == "pipeline":
+        return run_pipeline(cfg, inp)
+    return run_model_only(cfg, inp)
+
+
+def run_benchmark(
+    cfg: BenchConfig,
+    *,
+    model_dir: Path,
+    texts: Sequence[str],
+    work_dir: Path,
+    results_dir: Path | None = None,
+    log: Any = print,
+) -> tuple[dict[str, Any], Path]:
     """Run every system in `cfg.systems` `cfg.repeats` times over `texts`; write the JSON; return
     (payload, path). Uses the embedded Ray cluster already initialized, else starts one and stops it."""
     import ray
@@ -399,19 +498,32 @@ def run_benchmark(cfg: BenchConfig, *, model_dir: Path, texts: Sequence[str], wo
     input_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     tokenize_s = time.perf_counter() - t0
     inp = _Inputs(
-        model_dir=Path(model_dir), texts=texts, input_ids=input_ids,
+        model_dir=Path(model_dir),
+        texts=texts,
+        input_ids=input_ids,
         input_path=_write_inputs(work_dir / "input" / "texts.parquet", texts),
         warmup_path=_write_inputs(work_dir / "warmup" / "texts.parquet", texts[: max(1, cfg.warmup_rows)]),
-        max_length=max_length, work_dir=work_dir,
+        max_length=max_length,
+        work_dir=work_dir,
     )
     uses_ray = any(s in cfg.systems for s in ("shardwise", "naive_ray"))
     own_ray = uses_ray and not ray.is_initialized()
     if own_ray:
         spec = _shardwise_spec(cfg, inp, input_path=inp.input_path, out_uri=work_dir / "unused")
-        init_ray(address=None, num_cpus=embedded_cpus(spec), num_gpus=1 if cfg.device == "cuda" else None)
+        saved = os.environ.get("RAY_worker_niceness")
+        if cfg.ray_worker_niceness is not None:
+            os.environ["RAY_worker_niceness"] = str(cfg.ray_worker_niceness)  # read by the raylet at start
+        try:
+            init_ray(address=None, num_cpus=embedded_cpus(spec), num_gpus=1 if cfg.device == "cuda" else None)
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_worker_niceness", None)
+            else:
+                os.environ["RAY_worker_niceness"] = saved
     machine = machine_info(device=cfg.device, torch_threads=cfg.threads)
     if uses_ray:
         machine["ray_logical_cpus"] = ray.cluster_resources().get("CPU")
+        machine["ray_worker_niceness"] = cfg.ray_worker_niceness if own_ray else "(cluster already running)"
     runs: list[SystemRun] = []
     try:
         if cfg.warmup_rows:
@@ -425,16 +537,16 @@ def run_benchmark(cfg: BenchConfig, *, model_dir: Path, texts: Sequence[str], wo
             for system in SYSTEMS:
                 if system not in cfg.systems:
                     continue
-                if system == "shardwise":
-                    run = run_shardwise(cfg, inp, tag=str(rep))
-                elif system == "naive_ray":
-                    run = run_naive_ray(cfg, inp, tag=str(rep))
-                elif system == "pipeline":
-                    run = run_pipeline(cfg, inp)
-                else:
-                    run = run_model_only(cfg, inp)
-                log(f"repeat {rep + 1}/{cfg.repeats} {system:<11} {run.rows_per_s:8.1f} rows/s  steady "
-                    f"{run.steady_rows_per_s:8.1f} rows/s  startup {run.startup_s:6.2f} s")
+                load = os.getloadavg()[0]
+                with CpuMeter() as meter:
+                    run = _run_system(system, cfg, inp, tag=str(rep))
+                run.cpu_s = meter.cpu_s
+                run.load_1m = load
+                log(
+                    f"repeat {rep + 1}/{cfg.repeats} {system:<11} {run.rows_per_s:8.1f} rows/s  steady "
+                    f"{run.steady_rows_per_s:8.1f} rows/s  startup {run.startup_s:6.2f} s  "
+                    f"cpu {run.cpu_s or 0:6.1f} s  load {load:.1f}"
+                )
                 runs.append(run)
     finally:
         if own_ray:
@@ -443,18 +555,28 @@ def run_benchmark(cfg: BenchConfig, *, model_dir: Path, texts: Sequence[str], wo
     last = {r.name: r for r in runs}  # labels of each system's last repeat
     reference = REFERENCE if REFERENCE in last else next(iter(last))
     agree = {name: round(agreement(r.labels, last[reference].labels), 5) for name, r in last.items()}
-    pairwise = {f"{a}_vs_{b}": round(agreement(last[a].labels, last[b].labels), 5)
-                for i, a in enumerate(last) for b in list(last)[i + 1:]}
-    score_diff = {name: float(np.nanmax(np.abs(np.array(r.scores) - np.array(last[reference].scores))))
-                  for name, r in last.items() if len(r.scores) == len(last[reference].scores)}
+    pairwise = {
+        f"{a}_vs_{b}": round(agreement(last[a].labels, last[b].labels), 5)
+        for i, a in enumerate(last)
+        for b in list(last)[i + 1 :]
+    }
+    score_diff = {
+        name: float(np.nanmax(np.abs(np.array(r.scores) - np.array(last[reference].scores))))
+        for name, r in last.items()
+        if len(r.scores) == len(last[reference].scores)
+    }
     summary = summarize(runs, reference=reference)
     payload: dict[str, Any] = {
         "benchmark": NAME,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": {**asdict(cfg), "dtype": cfg.resolved_dtype()},
         "machine": machine,
-        "model": {"size": cfg.model_size, "dir": str(model_dir), "max_length": max_length,
-                  **_model_shape(model_dir)},
+        "model": {
+            "size": cfg.model_size,
+            "dir": str(model_dir),
+            "max_length": max_length,
+            **_model_shape(model_dir),
+        },
         "data": {**text_stats(texts, [len(x) for x in input_ids]), "tokenize_s": round(tokenize_s, 3)},
         "reference": reference,
         "systems": summary,
@@ -471,7 +593,9 @@ def _model_shape(model_dir: Path) -> dict[str, Any]:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    return {k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_labels")}
+    return {
+        k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_labels")
+    }
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -480,21 +604,39 @@ def _model_shape(model_dir: Path) -> dict[str, Any]:
 
 def _parse_args(argv: Sequence[str] | None) -> BenchConfig:
     d = BenchConfig()
-    p = argparse.ArgumentParser(prog="python -m bench.text_classification", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.text_classification", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--rows", type=int, default=d.rows, help="texts to classify (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per forward (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per system; medians are reported")
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="rows per forward (default %(default)s)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=d.repeats, help="timed runs per system; medians are reported"
+    )
     p.add_argument("--model-size", choices=["minilm", "base"], default=d.model_size)
     p.add_argument("--device", choices=["cpu", "cuda"], default=d.device)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads in every system (default: cores)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="default: float32 on cpu, bfloat16 on cuda",
+    )
+    p.add_argument(
+        "--threads", type=int, default=d.threads, help="torch threads in every system (default: cores)"
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--shard-rows", type=int, default=d.shard_rows, help="shardwise input.shard_rows")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="shardwise stage max_batch_tokens")
     p.add_argument("--warmup-rows", type=int, default=d.warmup_rows)
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of %(default)s")
     p.add_argument("--min-agreement", type=float, default=d.min_agreement)
+    p.add_argument(
+        "--ray-worker-niceness",
+        type=int,
+        default=d.ray_worker_niceness,
+        help="niceness of the embedded Ray workers (default %(default)s; Ray's own default is 15)",
+    )
     a = p.parse_args(argv)
     for name in ("rows", "batch_size", "repeats", "threads", "shard_rows"):
         if getattr(a, name) < 1:
@@ -503,34 +645,78 @@ def _parse_args(argv: Sequence[str] | None) -> BenchConfig:
     bad = sorted(set(systems) - set(SYSTEMS))
     if bad:
         p.error(f"unknown systems {bad}; available: {', '.join(SYSTEMS)}")
-    return replace(d, rows=a.rows, batch_size=a.batch_size, repeats=a.repeats, model_size=a.model_size,
-                   device=a.device, dtype=a.dtype, threads=a.threads, seed=a.seed, shard_rows=a.shard_rows,
-                   max_batch_tokens=a.max_batch_tokens, warmup_rows=a.warmup_rows, systems=systems,
-                   min_agreement=a.min_agreement)
+    return replace(
+        d,
+        rows=a.rows,
+        batch_size=a.batch_size,
+        repeats=a.repeats,
+        model_size=a.model_size,
+        device=a.device,
+        dtype=a.dtype,
+        threads=a.threads,
+        seed=a.seed,
+        shard_rows=a.shard_rows,
+        max_batch_tokens=a.max_batch_tokens,
+        warmup_rows=a.warmup_rows,
+        systems=systems,
+        min_agreement=a.min_agreement,
+        ray_worker_niceness=a.ray_worker_niceness,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
     cfg = _parse_args(argv)
-    texts = build_texts(rt_review_pool(), cfg.rows, seed=cfg.seed, min_words=cfg.min_words, max_words=cfg.max_words)
+    hf_logging.disable_progress_bar()  # "Loading weights" bars from every system would bury the log
+    texts = build_texts(
+        rt_review_pool(), cfg.rows, seed=cfg.seed, min_words=cfg.min_words, max_words=cfg.max_words
+    )
     with tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:
         work = Path(tmp)
         print(f"preparing model ({cfg.model_size}) and {len(texts)} texts in {work}", file=sys.stderr)
         model_dir = prepare_model(cfg.model_size, work / "model", seed=cfg.seed)
-        payload, path = run_benchmark(cfg, model_dir=model_dir, texts=texts, work_dir=work,
-                                      log=lambda m: print(m, file=sys.stderr))
+        payload, path = run_benchmark(
+            cfg, model_dir=model_dir, texts=texts, work_dir=work, log=lambda m: print(m, file=sys.stderr)
+        )
     m, d = payload["machine"], payload["data"]
-    print(f"\ntext-classification · {payload['model']['size']} ({payload['model']['num_hidden_layers']} layers, "
-          f"hidden {payload['model']['hidden_size']}) · {d['rows']} texts, {d['words']['min']}–{d['words']['max']} "
-          f"words (mean {d['words']['mean']}), mean {d['tokens']['mean']} tokens · batch {cfg.batch_size} · "
-          f"{m['device']}, {m['cpu_count']} cores, torch threads {m['torch_threads']} · "
-          f"medians of {cfg.repeats} repeat(s)\n")
-    print(format_table(payload["systems"], reference=payload["reference"],
-                       agreement_vs_reference=payload["agreement_vs_reference"]))
-    print(f"\nresults: {path}")
+    print(
+        f"\ntext-classification · {payload['model']['size']} ({payload['model']['num_hidden_layers']} layers, "
+        f"hidden {payload['model']['hidden_size']}) · {d['rows']} texts, {d['words']['min']}–{d['words']['max']} "
+        f"words (mean {d['words']['mean']}), mean {d['tokens']['mean']} tokens · batch {cfg.batch_size} · "
+        f"{m['device']}, {m['cpu_count']} cores, torch threads {m['torch_threads']} · "
+        f"medians of {cfg.repeats} repeat(s)\n"
+    )
+    print(
+        format_table(
+            payload["systems"],
+            reference=payload["reference"],
+            agreement_vs_reference=payload["agreement_vs_reference"],
+        )
+    )
+    loads = [
+        r["load_1m"]
+        for fig in payload["systems"].values()
+        for r in fig["repeats"]
+        if r["load_1m"] is not None
+    ]
+    if loads:
+        busy = max(loads) > 1.5 * (m["cpu_count"] or 1)
+        print(
+            f"\n1-minute load average at the start of each run: {min(loads):.1f}–{max(loads):.1f}"
+            + (
+                " (other work was running: wall-clock figures are noisy; rows/cpu-s is steadier)"
+                if busy
+                else ""
+            )
+        )
+    print(f"results: {path}")
     got = payload["agreement_vs_reference"].get("shardwise")
     if got is not None and payload["reference"] == REFERENCE and got < cfg.min_agreement:
-        print(f"FAILED: shardwise agrees with the pipeline on {got:.2%} of rows, below {cfg.min_agreement:.0%}",
-              file=sys.stderr)
+        print(
+            f"FAILED: shardwise agrees with the pipeline on {got:.2%} of rows, below {cfg.min_agreement:.0%}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
