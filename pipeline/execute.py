@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 # CPU (logical) reserved by each read/preprocess and commit task. Replicas reserve their own.
 _TASK_CPUS = 1.0
 _COMMIT_CPUS = 0.5
+# How often the driver refreshes _manifest.json while a job runs.
+_MANIFEST_EVERY_S = 5.0
 # Resident memory of a worker that has imported torch + transformers + a tokenizer (measured ~280 MiB).
 _TASK_BASE_MEMORY = 384 * 1024 * 1024
 
@@ -434,7 +436,6 @@ def run_inference(
     bar = _progress(progress, total=rows_total, initial=sum(r.rows_in for r in records.values()))
     try:
         if todo:
-            lo, hi = stage.replica_range()
             init_ray(address=address, num_cpus=None if address else embedded_cpus(spec))
             job = {
                 "spec": spec,
@@ -454,6 +455,7 @@ def run_inference(
             }
             ds = _build_dataset(ray, spec, todo, job)
             max_errors = spec.max_error_rate * rows_total
+            last_write = time.monotonic()
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 for rec_dict in batch.to_pylist():
                     rec = ShardRecord(**rec_dict)
@@ -461,7 +463,11 @@ def run_inference(
                     if bar is not None:
                         bar.update(rec.rows_in)
                         bar.set_postfix(errors=sum(r.rows_error for r in records.values()), refresh=False)
-                out.write_manifest(_manifest(spec, fp, parts, "running", len(shards), records, runs))
+                # The manifest lists every shard: rewriting it per shard would be quadratic in a big job.
+                # Commit records are the truth; the manifest is the driver's summary, refreshed every few s.
+                if time.monotonic() - last_write > _MANIFEST_EVERY_S:
+                    out.write_manifest(_manifest(spec, fp, parts, "running", len(shards), records, runs))
+                    last_write = time.monotonic()
                 if sum(r.rows_error for r in records.values()) > max_errors:
                     break  # the job can no longer pass; stop spending compute on it
     except ShardwiseError:
