@@ -582,7 +582,7 @@ def run_benchmark(
         "systems": summary,
         "agreement_vs_reference": agree,
         "agreement_pairwise": pairwise,
-        "max_abs_score_diff_vs_reference": {k: round(v, 6) for k, v in score_diff.items()},
+        "max_abs_score_diff_vs_reference": {k: float(f"{v:.3g}") for k, v in score_diff.items()},
     }
     path = write_results(payload, name=NAME, out_dir=results_dir)
     payload["results_path"] = str(path)
