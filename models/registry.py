@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from pipeline.errors import SpecError
 
 __all__ = [
+    "ROW_ID",
     "Postprocessor",
     "Preprocessor",
     "RowError",
@@ -29,7 +30,23 @@ __all__ = [
 
 # Modules imported on first lookup; each registers its task(s). Kept as strings so importing the registry
 # stays light (no torch, no transformers).
-_TASK_MODULES = ("models.text_classification",)
+_TASK_MODULES = (
+    "models.text_classification",
+    "models.token_classification",
+    "models.question_answering",
+    "models.text_generation",
+    "models.summarization",
+    "models.translation",
+    "models.image_classification",
+    "models.object_detection",
+    "models.image_segmentation",
+    "models.depth_estimation",
+    "models.audio_classification",
+    "models.automatic_speech_recognition",
+)
+
+# Key of the row ids in the columns a Preprocessor receives (same name as the block column).
+ROW_ID = "__id"
 
 _TASKS: dict[str, Task] = {}
 _loaded = False
@@ -43,7 +60,10 @@ class RowError(typing.NamedTuple):
 
 
 class Preprocessor(Protocol):
-    """CPU side, in Ray tasks: raw input columns → numpy features per row (or a RowError)."""
+    """CPU side, in Ray tasks: raw input columns → numpy features per row (or a RowError).
+
+    `columns` maps each task input the stage maps to its values, plus `ROW_ID` ("__id") → the rows' ids
+    (stable across retries, resumes and replicas: use it to seed per-row randomness)."""
 
     def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]: ...
 

@@ -187,6 +187,7 @@ def read_preprocess(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
         table = set_errors(table, "read", [("ParseError", e) if e is not None else None for e in read_errors])
         ok = [i for i, e in enumerate(read_errors) if e is None]
         columns = {name: table.column(col).take(ok).to_pylist() for name, col in stage.inputs.items()}
+        columns[ID] = table.column(ID).take(ok).to_pylist()  # registry.ROW_ID: seeds per-row randomness
         features: list[Any] = [None] * n
         errors: list[tuple[str, str] | None] = [None] * n
         if ok:

@@ -66,3 +66,15 @@ def s3_bucket(s3_storage_options: dict[str, Any]) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     fsspec.filesystem("s3", **s3_storage_options).mkdir(name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """An embedded Ray cluster with 4 logical CPUs: 2 replicas + a read task + a commit task always fit."""
+    import ray
+
+    from pipeline.execute import init_ray
+
+    init_ray(address=None, num_cpus=4)
+    yield ray
+    ray.shutdown()

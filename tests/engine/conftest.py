@@ -1,4 +1,4 @@
-"""Fixtures for engine tests: one embedded Ray cluster per session, a tiny trained-tokenizer BERT."""
+"""Fixtures for engine tests: a tiny trained-tokenizer BERT (the Ray cluster is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import make_text_classifier
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """An embedded Ray cluster with 4 logical CPUs: 2 replicas + a read task + a commit task always fit."""
-    import ray
-
-    from pipeline.execute import init_ray
-
-    init_ray(address=None, num_cpus=4)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

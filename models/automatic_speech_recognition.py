@@ -1,0 +1,1 @@
+"""automatic-speech-recognition: not implemented yet (placeholder so the task registry can list it)."""

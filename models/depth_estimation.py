@@ -1,0 +1,1 @@
+"""depth-estimation: not implemented yet (placeholder so the task registry can list it)."""

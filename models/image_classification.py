@@ -1,0 +1,1 @@
+"""image-classification: not implemented yet (placeholder so the task registry can list it)."""

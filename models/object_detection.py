@@ -1,0 +1,1 @@
+"""object-detection: not implemented yet (placeholder so the task registry can list it)."""

@@ -1,0 +1,1 @@
+"""question-answering: not implemented yet (placeholder so the task registry can list it)."""

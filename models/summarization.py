@@ -1,0 +1,1 @@
+"""summarization: not implemented yet (placeholder so the task registry can list it)."""

@@ -1,0 +1,1 @@
+"""text-generation: not implemented yet (placeholder so the task registry can list it)."""

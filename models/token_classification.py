@@ -1,0 +1,1 @@
+"""token-classification: not implemented yet (placeholder so the task registry can list it)."""

@@ -1,0 +1,1 @@
+"""translation: not implemented yet (placeholder so the task registry can list it)."""
