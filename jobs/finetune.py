@@ -14,17 +14,26 @@
 Task hooks. The loop is task-agnostic; what it needs from a task is reached through the task object:
 
     class FineTunable(Protocol):           # the registered task, e.g. models.text_classification
-        def training(self, base_dir, *, label_names, max_length) -> Trainable: ...
+        training_labels: str               # how train.label_column is read (absent: "class"), see Labels
+        training_text_inputs: tuple[str, ...]  # inputs that must be non-null strings (absent: all)
+        def training(self, base_dir, *, label_names, max_length, options) -> Trainable: ...
+        # optional, on the driver before Ray starts (pipeline.spec calls it when validating):
+        def parse_training_options(self, options, *, key) -> Any: ...
 
     class Trainable(Protocol):             # built inside each worker
         def build_model(self, weights_dir) -> torch.nn.Module   # base or checkpoint, head sized to labels
-        def encode(self, columns, labels) -> dict[str, Tensor]  # model(**batch) gives .loss and .logits
+        def encode(self, columns, labels) -> dict[str, Any]     # model(**batch) gives .loss
         def save(self, model, out_dir) -> None                  # standard HF folder
+        # optional: (hits, total) for eval_accuracy; default below
+        def eval_counts(self, output, batch) -> tuple[float, float]: ...
 
-`columns` maps task input names (`text`, `text_pair`) to lists of values; `labels` are class ids (indexes
-into `label_names`). Accuracy is `argmax(logits, -1) == labels` over the positions where labels != -100,
-so a token-classification task can plug in with per-token labels. A task without `training` is refused
-with a SpecError naming the tasks that have it.
+`columns` maps task input names (`text`, `image`, ...) to lists of values as read; `labels` is one entry
+per row (see Labels) or None. `encode` returns tensors, or lists/dicts of tensors (DETR's per-image
+targets), moved to the worker's device recursively. `options` is `train.options`: task-specific settings
+such as `label_all_tokens` or `packing`. The reported `eval_accuracy` is the task's `eval_counts`
+hits/total summed over the eval set; by default `argmax(logits, -1) == labels` over the positions where
+labels != -100 (sequence, token and next-token accuracy alike). A task without `training` is refused with
+a SpecError naming the tasks that have it.
 
 Data passing. Rows reach the workers as Ray datasets (`datasets={"train", "eval"}` +
 `get_dataset_shard`), not in `train_loop_config`: the config is pickled into every worker, the object
@@ -33,10 +42,16 @@ same code works across nodes; and a dataset too big for the driver can later bec
 read without changing the loop. Only "train" is split; each worker iterates all of "eval" and keeps the
 rows with `row % world_size == rank`, so eval counts are exact (an equal split could drop rows).
 
-Labels. `train.label_names` lists the classes in id order. When it is null they are the sorted distinct
-labels of the train and eval rows. String labels must be one of the names; integer labels are ids into
-`label_names` (the `datasets.ClassLabel` convention), or, with no names, are named by their value. A null
-label or one outside the names fails the job before training, naming the column and the values.
+Labels. A task's `training_labels` says what `train.label_column` holds:
+- "class" (default): one class per row. `train.label_names` lists the classes in id order; when it is
+  null they are the sorted distinct labels of the train and eval rows. String labels must be one of the
+  names; integer labels are ids into `label_names` (the `datasets.ClassLabel` convention), or, with no
+  names, are named by their value. `encode` gets class ids.
+- "class_sequence": a list of classes per row (word-level NER tags); the same rules apply to every element
+  and `encode` gets a list of ids per row.
+- "raw": the values as read (a target text, SQuAD answers, COCO boxes, a mask): the task checks them.
+- "none": no label column is read (causal LM on plain text); `encode` gets None.
+A null label, or one outside the names, fails the job before training, naming the column and the values.
 
 Batches. `train.batch_size` is the global batch (all workers, one optimizer step): each worker takes
 `batch_size // num_workers` rows, so changing `num_workers` scales the job without changing the
@@ -80,7 +95,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import pyarrow as pa
 
@@ -111,20 +126,39 @@ _MAX_GRAD_NORM = 1.0
 _QUOTE = 5
 
 
+LabelMode = Literal["class", "class_sequence", "raw", "none"]
+_LABEL_MODES = ("class", "class_sequence", "raw", "none")
+
+
 class Trainable(Protocol):
     """The task-specific pieces of fine-tuning, built inside each Ray Train worker."""
 
     def build_model(self, weights_dir: str) -> torch.nn.Module: ...
 
-    def encode(self, columns: Mapping[str, list[Any]], labels: list[int]) -> dict[str, torch.Tensor]: ...
+    def encode(self, columns: Mapping[str, list[Any]], labels: list[Any] | None) -> dict[str, Any]: ...
 
     def save(self, model: torch.nn.Module, out_dir: str) -> None: ...
 
 
 class FineTunable(Protocol):
-    """A registered task that can be fine-tuned."""
+    """A registered task that can be fine-tuned (`training_labels`, `training_text_inputs` optional)."""
 
-    def training(self, base_dir: str, *, label_names: tuple[str, ...], max_length: int) -> Trainable: ...
+    def training(
+        self, base_dir: str, *, label_names: tuple[str, ...], max_length: int, options: Mapping[str, Any]
+    ) -> Trainable: ...
+
+
+def label_mode(task: Any) -> LabelMode:
+    mode = getattr(task, "training_labels", "class")
+    if mode not in _LABEL_MODES:
+        raise ValueError(f"task {task.name!r}: training_labels must be one of {_LABEL_MODES}, got {mode!r}")
+    return cast(LabelMode, mode)
+
+
+def text_inputs(task: Any, inputs: Mapping[str, str]) -> dict[str, str]:
+    """The stage's inputs that training needs as strings (all of them unless the task says otherwise)."""
+    names = getattr(task, "training_text_inputs", None)
+    return dict(inputs) if names is None else {k: v for k, v in inputs.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -148,6 +182,7 @@ class _LoopConfig:
     base_model: str
     input_names: tuple[str, ...]
     label_names: tuple[str, ...]
+    has_labels: bool
     train: FinetuneSpec
     train_rows: int
     has_eval: bool
@@ -236,10 +271,11 @@ def _counts(values: Any) -> str:
     return text + (f" and {len(items) - _QUOTE} more" if len(items) > _QUOTE else "")
 
 
-def _check_texts(table: pa.Table, inputs: Mapping[str, str], *, what: str) -> None:
+def _check_inputs(table: pa.Table, inputs: Mapping[str, str], *, texts: Mapping[str, str], what: str) -> None:
+    """Every input non-null; the text ones strings (images, audio and token lists are checked by `encode`)."""
     for name, col in inputs.items():
         column = table.column(col)
-        if not (
+        if name in texts and not (
             pa.types.is_string(column.type)
             or pa.types.is_large_string(column.type)
             or pa.types.is_null(column.type)
@@ -253,7 +289,7 @@ def _check_texts(table: pa.Table, inputs: Mapping[str, str], *, what: str) -> No
             raise SpecError(
                 f"stages[0].inputs.{name}",
                 f"column {col!r} of {what} has {column.null_count} null value(s) (row ids {ids[:_QUOTE]}); "
-                "training rows need text. Drop or fill those rows",
+                f"every training row needs its {name!r}. Drop or fill those rows",
             )
 
 
@@ -278,21 +314,54 @@ def _read_rows(spec: InputSpec, columns: Mapping[str, str], *, limit: int | None
 
 @dataclass(frozen=True)
 class _Data:
-    train: pa.Table  # task input names + __label
+    train: pa.Table  # task input names + __label (absent for label mode "none")
     eval: pa.Table | None  # the same + __row
     label_names: tuple[str, ...]
     listing: list[Any]  # what identifies the data, for the run fingerprint
+
+
+def _resolve_sequences(
+    values: pa.ChunkedArray, *, label_names: tuple[str, ...] | None, column: str, row_ids: Sequence[str]
+) -> tuple[tuple[str, ...], pa.Array]:
+    """`class_sequence` labels: lists of classes → lists of ids, with the rules of `resolve_labels`."""
+    values = values.combine_chunks()
+    if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
+        raise SpecError(
+            "train.label_column",
+            f"column {column!r} has type {values.type}; this task needs a list of labels per row (e.g. one "
+            "tag per word). Point train.label_column at such a column",
+        )
+    if values.null_count:
+        ids = [row_ids[i] for i, v in enumerate(values.is_null().to_pylist()) if v]
+        raise SpecError(
+            "train.label_column",
+            f"column {column!r} has {values.null_count} null list(s) (row ids {ids[:_QUOTE]}); every "
+            "training row needs its labels. Drop or fill those rows",
+        )
+    offsets = values.offsets.to_numpy()
+    flat_rows = [row_ids[i] for i in range(len(values)) for _ in range(offsets[i + 1] - offsets[i])]
+    names, flat_ids = resolve_labels(
+        values.flatten(), label_names=label_names, column=column, row_ids=flat_rows
+    )
+    nested = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat_ids, pa.int64()))
+    return names, nested
 
 
 def _prepare_data(spec: JobSpec) -> _Data:
     """Read, check and split the rows. Everything here runs before Ray starts."""
     import numpy as np
 
+    from models.registry import get_task
+
     t = spec.train
     assert t is not None
+    task = get_task(spec.stage.task)
+    mode = label_mode(task)
     inputs = spec.stage.inputs
+    texts = text_inputs(task, inputs)
     columns = {col: f"stages[0].inputs.{name}" for name, col in inputs.items()}
-    columns.setdefault(t.label_column, "train.label_column")
+    if mode != "none":
+        columns.setdefault(t.label_column, "train.label_column")
     if spec.input.id_column:  # read_range builds row ids (used in error messages) from it
         columns.setdefault(spec.input.id_column, "input.id_column")
     split = t.eval_input is None and t.eval_fraction > 0
@@ -301,32 +370,53 @@ def _prepare_data(spec: JobSpec) -> _Data:
         # Read only what the cap needs: with a split, enough rows that the train part still reaches it.
         limit = math.ceil(t.max_train_rows / (1 - t.eval_fraction)) + 1 if split else t.max_train_rows
     table = _read_rows(spec.input, columns, limit=limit)
-    _check_texts(table, inputs, what=spec.input.uri)
+    _check_inputs(table, inputs, texts=texts, what=spec.input.uri)
     eval_table = None
     if t.eval_input is not None:
         eval_table = _read_rows(t.eval_input, columns, limit=None)
-        _check_texts(eval_table, inputs, what=t.eval_input.uri)
+        _check_inputs(eval_table, inputs, texts=texts, what=t.eval_input.uri)
     if table.num_rows == 0:
         raise SourceError(f"input.uri {spec.input.uri!r} has no rows to train on")
 
     both = (
         table if eval_table is None else pa.concat_tables([table, eval_table], promote_options="permissive")
     )
-    names, ids = resolve_labels(
-        both.column(t.label_column),
-        label_names=t.label_names,
-        column=t.label_column,
-        row_ids=both.column("__id").to_pylist(),
-    )
-    label_ids = pa.array(ids, pa.int64())
+    row_ids = both.column("__id").to_pylist()
+    names: tuple[str, ...] = ()
+    label_ids: pa.Array | None = None
+    if mode == "class":
+        names, ids = resolve_labels(
+            both.column(t.label_column), label_names=t.label_names, column=t.label_column, row_ids=row_ids
+        )
+        label_ids = pa.array(ids, pa.int64())
+    elif mode == "class_sequence":
+        names, label_ids = _resolve_sequences(
+            both.column(t.label_column), label_names=t.label_names, column=t.label_column, row_ids=row_ids
+        )
+    elif mode == "raw":
+        raw = both.column(t.label_column).combine_chunks()
+        if raw.null_count:
+            ids = [row_ids[i] for i, v in enumerate(raw.is_null().to_pylist()) if v]
+            raise SpecError(
+                "train.label_column",
+                f"column {t.label_column!r} has {raw.null_count} null value(s) (row ids {ids[:_QUOTE]}); "
+                "every training row needs its target. Drop or fill those rows",
+            )
+        label_ids = raw
 
-    def task_columns(rows: pa.Table, labels: pa.Array) -> pa.Table:
-        return pa.table({**{name: rows.column(col) for name, col in inputs.items()}, _LABEL: labels})
+    def task_columns(rows: pa.Table, labels: pa.Array | None) -> pa.Table:
+        cols = {name: rows.column(col) for name, col in inputs.items()}
+        if labels is not None:
+            cols[_LABEL] = labels
+        return pa.table(cols)
+
+    def labels_of(start: int, stop: int) -> pa.Array | None:
+        return None if label_ids is None else label_ids.slice(start, stop - start)
 
     rng = np.random.default_rng(t.seed)
-    train = task_columns(table, label_ids[: table.num_rows])
+    train = task_columns(table, labels_of(0, table.num_rows))
     if eval_table is not None:
-        evaluation: pa.Table | None = task_columns(eval_table, label_ids[table.num_rows :])
+        evaluation: pa.Table | None = task_columns(eval_table, labels_of(table.num_rows, len(both)))
     elif split:
         order = rng.permutation(table.num_rows)
         n_eval = max(1, round(table.num_rows * t.eval_fraction))
@@ -562,6 +652,7 @@ def run_finetune(
         base_model=base,
         input_names=tuple(stage.inputs),
         label_names=data.label_names,
+        has_labels=_LABEL in data.train.column_names,
         train=t,
         train_rows=data.train.num_rows,
         has_eval=data.eval is not None,
@@ -709,6 +800,25 @@ def _watch(board: Any, stop: threading.Event, loop: _LoopConfig) -> threading.Th
 # The training loop (runs in every Ray Train worker)
 
 
+def _to_device(value: Any, device: Any) -> Any:
+    """Tensors anywhere in `encode`'s output (dicts, lists: DETR's per-image targets) → `device`."""
+    if hasattr(value, "to") and callable(value.to):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _accuracy_counts(output: Any, batch: Mapping[str, Any]) -> tuple[float, float]:
+    """Default eval metric: argmax(logits) == labels where labels != -100; (B,) or (B, T) labels."""
+    labels = batch["labels"]
+    keep = labels != -100
+    correct = (output.logits.argmax(-1) == labels) & keep
+    return float(correct.sum().item()), float(keep.sum().item())
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -729,7 +839,16 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     base_dir = resolve_model(loop.base_model)
     task = cast(FineTunable, get_task(loop.task))
-    trainable = task.training(base_dir, label_names=loop.label_names, max_length=t.max_length)
+    trainable = task.training(
+        base_dir, label_names=loop.label_names, max_length=t.max_length, options=dict(t.options)
+    )
+    eval_counts = getattr(trainable, "eval_counts", None) or _accuracy_counts
+
+    def encode(batch: pa.Table) -> dict[str, Any]:
+        columns = {name: batch.column(name).to_pylist() for name in loop.input_names}
+        labels = batch.column(_LABEL).to_pylist() if loop.has_labels else None
+        return _to_device(trainable.encode(columns, labels), device)
+
     per_worker = max(1, t.batch_size // world)
     steps_per_epoch = math.ceil((loop.train_rows // world) / per_worker)  # equal split: same on every rank
     total_steps = steps_per_epoch * t.epochs
@@ -770,18 +889,15 @@ def _train_loop(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, t.epochs):
         epoch_start = time.time()
         model.train()
-        sums = torch.zeros(
-            5, dtype=torch.float64
-        )  # train loss·rows, train rows, eval loss·rows, correct, eval n
+        # train loss·rows, train rows, eval loss·rows, eval rows, eval hits, eval total
+        sums = torch.zeros(6, dtype=torch.float64)
         for batch in train_shard.iter_batches(
             batch_size=per_worker,
             batch_format="pyarrow",
             local_shuffle_buffer_size=per_worker * 8,
             local_shuffle_seed=t.seed * 1_000_003 + epoch * 1_009 + rank,
         ):
-            columns = {name: batch.column(name).to_pylist() for name in loop.input_names}
-            inputs = trainable.encode(columns, batch.column(_LABEL).to_pylist())
-            inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+            inputs = encode(batch)
             with autocast:
                 loss = model(**inputs).loss
             loss.backward()
@@ -807,17 +923,14 @@ def _train_loop(config: dict[str, Any]) -> None:
                     if not mine:
                         continue
                     batch = batch.take(mine)
-                    columns = {name: batch.column(name).to_pylist() for name in loop.input_names}
-                    inputs = trainable.encode(columns, batch.column(_LABEL).to_pylist())
-                    inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+                    inputs = encode(batch)
                     with autocast:
                         out = core(**inputs)
-                    labels = inputs["labels"]  # (B,) or (B, T) for per-token tasks; -100 = ignored
-                    keep = labels != -100
-                    correct = (out.logits.argmax(-1) == labels) & keep
+                    hits, total = eval_counts(out, inputs)
                     sums[2] += out.loss.item() * batch.num_rows
-                    sums[3] += correct.sum().item()
-                    sums[4] += keep.sum().item()
+                    sums[3] += batch.num_rows
+                    sums[4] += hits
+                    sums[5] += total
         if world > 1:
             import torch.distributed as dist
 
@@ -826,12 +939,12 @@ def _train_loop(config: dict[str, Any]) -> None:
             dist.all_reduce(reduced)
             sums = reduced.cpu()
         rows = max(sums[1].item(), 1)
-        eval_rows = int(sums[4].item())
+        eval_rows, eval_total = int(sums[3].item()), sums[5].item()
         record = {
             "epoch": epoch + 1,
             "train_loss": sums[0].item() / rows,
             "eval_loss": sums[2].item() / eval_rows if eval_shard is not None and eval_rows else None,
-            "eval_accuracy": sums[3].item() / eval_rows if eval_shard is not None and eval_rows else None,
+            "eval_accuracy": sums[4].item() / eval_total if eval_shard is not None and eval_total else None,
             "epoch_s": time.time() - epoch_start,
         }
         history.append(record)

@@ -215,7 +215,7 @@ class TextClassification:
         return _Postprocessor(model_dir, params)
 
     def training(
-        self, base_dir: str, *, label_names: tuple[str, ...], max_length: int
+        self, base_dir: str, *, label_names: tuple[str, ...], max_length: int, options: Mapping[str, Any]
     ) -> TextClassificationTrainable:
         """`jobs.finetune.FineTunable`: tasks without this method cannot be fine-tuned."""
         return TextClassificationTrainable(base_dir, label_names=label_names, max_length=max_length)

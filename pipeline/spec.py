@@ -132,6 +132,9 @@ class FinetuneSpec:
     checkpoint_uri: str | None = None
     # Cap on training rows (None: all); handy for quick runs.
     max_train_rows: int | None = None
+    # Task-specific training settings (e.g. token-classification `label_all_tokens`, causal-LM `packing`),
+    # validated by the task (`parse_training_options`) before Ray starts.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,14 @@ def _validate(spec: JobSpec) -> JobSpec:
         _positive("train.batch_size", t.batch_size)
         _positive("train.num_workers", t.num_workers)
         _positive("train.max_length", t.max_length)
+        parse_options = getattr(get_task(spec.stage.task), "parse_training_options", None)
+        if callable(parse_options):
+            parse_options(t.options, key="train.options")
+        elif t.options:
+            raise SpecError(
+                f"train.options.{next(iter(t.options))}",
+                f"task {spec.stage.task!r} takes no training options; remove train.options",
+            )
         if not 0.0 <= t.eval_fraction < 1.0:
             raise SpecError("train.eval_fraction", f"must be in [0, 1), got {t.eval_fraction}")
         if t.eval_input is not None and t.eval_input.format is None:

@@ -289,3 +289,106 @@ def test_a_base_model_without_config_fails_before_ray(
         run_finetune(
             finetune_spec(tmp_path, base=tmp_path / "empty", train_uri=data["train"]), progress=False
         )
+
+
+# --- label modes: what the driver hands to a task's `encode` --------------------------------------------
+
+
+class _FakeTask:
+    """Stands in for a registered task so the driver's data preparation can be checked without Ray."""
+
+    name = "text-classification"
+    inputs = {"text": True, "text_pair": False}
+
+    def __init__(self, mode: str, text_inputs: tuple[str, ...] | None = None) -> None:
+        self.training_labels = mode
+        if text_inputs is not None:
+            self.training_text_inputs = text_inputs
+
+
+def _prepare(tmp_path: Path, base: Path, monkeypatch, task: _FakeTask, columns: dict[str, list[Any]]):
+    import pyarrow.parquet as pq
+
+    from jobs.finetune import _prepare_data
+
+    monkeypatch.undo()  # the spec is validated against the real registry
+    pq.write_table(pa.table(columns), tmp_path / "train.parquet")
+    spec = finetune_spec(tmp_path, base=base, train_uri=tmp_path / "train.parquet", eval_fraction=0.0)
+    monkeypatch.setattr("models.registry.get_task", lambda name: task)
+    return _prepare_data(spec)
+
+
+def test_class_sequence_labels_become_id_lists(tmp_path: Path, base_model: Path, monkeypatch) -> None:
+    tags = [["O", "B-PER"], ["O"], ["B-PER", "I-PER", "O"], []]
+    data = _prepare(
+        tmp_path,
+        base_model,
+        monkeypatch,
+        _FakeTask("class_sequence"),
+        {"id": ["a", "b", "c", "d"], "text": ["x y", "z", "u v w", ""], "label": tags},
+    )
+    assert data.label_names == ("B-PER", "I-PER", "O")
+    by_text = dict(
+        zip(data.train.column("text").to_pylist(), data.train.column("__label").to_pylist(), strict=True)
+    )
+    assert by_text == {"x y": [2, 0], "z": [2], "u v w": [0, 1, 2], "": []}
+
+
+def test_class_sequence_rejects_null_tags_and_non_lists(
+    tmp_path: Path, base_model: Path, monkeypatch
+) -> None:
+    with pytest.raises(SpecError, match=r"null label\(s\) \(row ids \['b'\]\)") as info:
+        _prepare(
+            tmp_path,
+            base_model,
+            monkeypatch,
+            _FakeTask("class_sequence"),
+            {"id": ["a", "b"], "text": ["x", "y z"], "label": [["O"], ["O", None]]},
+        )
+    assert info.value.key == "train.label_column"
+    with pytest.raises(SpecError, match="needs a list of labels per row") as info:
+        _prepare(
+            tmp_path,
+            base_model,
+            monkeypatch,
+            _FakeTask("class_sequence"),
+            {"id": ["a"], "text": ["x"], "label": ["O"]},
+        )
+
+
+def test_raw_and_none_label_modes(tmp_path: Path, base_model: Path, monkeypatch) -> None:
+    answers = [{"text": "x", "answer_start": 0}, {"text": "z", "answer_start": 2}]
+    data = _prepare(
+        tmp_path,
+        base_model,
+        monkeypatch,
+        _FakeTask("raw"),
+        {"id": ["a", "b"], "text": ["x y", "y z"], "label": answers},
+    )
+    got = dict(
+        zip(data.train.column("text").to_pylist(), data.train.column("__label").to_pylist(), strict=True)
+    )
+    assert got == {"x y": answers[0], "y z": answers[1]} and data.label_names == ()
+    with pytest.raises(SpecError, match=r"1 null value\(s\) \(row ids \['b'\]\)"):
+        _prepare(
+            tmp_path,
+            base_model,
+            monkeypatch,
+            _FakeTask("raw"),
+            {"id": ["a", "b"], "text": ["x", "y"], "label": ["t", None]},
+        )
+    # "none": no label column is read at all; a non-text input passes when the task says so.
+    data = _prepare(
+        tmp_path,
+        base_model,
+        monkeypatch,
+        _FakeTask("none", text_inputs=()),
+        {"id": ["a", "b"], "text": [b"\x00\x01", b"\x02"]},
+    )
+    assert data.train.column_names == ["text"] and data.train.num_rows == 2
+
+
+def test_training_options_are_checked_by_the_task(tmp_path: Path, base_model: Path) -> None:
+    with pytest.raises(SpecError, match="takes no training options") as info:
+        finetune_spec(tmp_path, base=base_model, train_uri=tmp_path / "x.parquet", options={"packing": True})
+    assert info.value.key == "train.options.packing"
