@@ -539,17 +539,26 @@ def run_inference(
 
 
 def _build_dataset(ray: Any, spec: JobSpec, todo: list[Shard], job: dict[str, Any]) -> Any:
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
-    from pipeline.replica import Replica
-
-    stage = spec.stage
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar and summary replace its logs
-    ctx = DataContext.get_current()
+    # A copy, current only while the graph is built: a Dataset seals the context it was created under, so
+    # these settings hold for this job and the caller's own Ray Data work keeps its settings.
+    ctx = DataContext.get_current().copy()
     ctx.target_max_block_size = None  # never split a block: a block is a shard, a shard is one commit
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = False
+    with DataContext.current(ctx):
+        return _graph(ray, spec, todo, job)
+
+
+def _graph(ray: Any, spec: JobSpec, todo: list[Shard], job: dict[str, Any]) -> Any:
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.replica import Replica
+
+    stage = spec.stage
     lo, hi = stage.replica_range()
     threads = (
         int(stage.num_cpus)

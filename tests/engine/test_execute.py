@@ -256,8 +256,13 @@ def test_missing_column_is_a_spec_error_naming_the_key(tiny_model, tmp_path):
 
 def test_output_part_files_are_plain_parquet(ray_session, tiny_model, tmp_path):
     """Any Parquet reader reads the output directory; engine files (_manifest, _errors) are skipped."""
+    from ray.data import DataContext
+
     write_texts_parquet(tmp_path / "in.parquet", make_texts(130, seed=12))
+    caller_block_size = DataContext.get_current().target_max_block_size
     run_inference(_spec(tmp_path, tiny_model), progress=False)
+    # The job's Ray Data settings (no block splitting, no progress bars) do not leak into the caller's.
+    assert DataContext.get_current().target_max_block_size == caller_block_size is not None
     table = pq.read_table(tmp_path / "out")
     assert table.num_rows == 130 and table.schema.field("label").type == pa.string()
     assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == [
