@@ -186,8 +186,9 @@ def read_preprocess(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
             table = table.append_column(name, pa.nulls(n, pa.string()))
         table = set_errors(table, "read", [("ParseError", e) if e is not None else None for e in read_errors])
         ok = [i for i, e in enumerate(read_errors) if e is None]
-        columns = {name: table.column(col).take(ok).to_pylist() for name, col in stage.inputs.items()}
-        columns[ID] = table.column(ID).take(ok).to_pylist()  # registry.ROW_ID: seeds per-row randomness
+        ok_rows = pa.array(ok, pa.int64())  # typed: an empty list would be a null-typed index array
+        columns = {name: table.column(col).take(ok_rows).to_pylist() for name, col in stage.inputs.items()}
+        columns[ID] = table.column(ID).take(ok_rows).to_pylist()  # registry.ROW_ID: seeds per-row randomness
         features: list[Any] = [None] * n
         errors: list[tuple[str, str] | None] = [None] * n
         if ok:
@@ -252,7 +253,8 @@ def postprocess_commit(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
             preds.append(row)
             ok_idx.append(i)
         table = set_errors(table, "postprocess", errors)
-        predictions = _predictions_table(table.take(ok_idx), preds, schema, job)
+        # Typed indices: a shard whose rows all failed has none, and an empty list is null-typed.
+        predictions = _predictions_table(table.take(pa.array(ok_idx, pa.int64())), preds, schema, job)
         error_rows = table.filter(pa.compute.is_valid(table.column(ERR_STAGE)))
         errors_table = pa.table(
             [
