@@ -1,1 +1,279 @@
-"""image-classification: not implemented yet (placeholder so the task registry can list it)."""
+"""image-classification: any `AutoModelForImageClassification` (ViT, ConvNeXT, BEiT, Swin, ResNet, timm
+models through `TimmWrapperForImageClassification`, ...).
+
+Input `image`: encoded bytes, an HF `datasets` Image struct {bytes, path}, or a path/URI (see
+`models.images`). Params follow `transformers.pipeline("image-classification")`: `top_k` (1 → label/score;
+k > 1 or null → also `scores`, best first; the pipeline's own default is 5, shardwise's is 1 like
+text-classification) and `function_to_apply` (default | sigmoid | softmax | none); plus `max_pixels` (the
+decompression-bomb cap, default PIL's 89.5 Mpx) and `storage_options` (fsspec options for path/URI inputs;
+credentials from the environment are better kept out of the job spec).
+
+CPU preprocess: decode (EXIF orientation, any mode → RGB), then the model's image processor resizes/crops
+with rescale and normalize off, so pixels travel as uint8 (C, H, W); the replica rescales and normalises on
+its device with the processor's factor, mean and std (`models.images`). Postprocessing is the pipeline's
+own (`ImageClassificationPipeline.postprocess`), so labels and scores are the pipeline's by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from models.images import DEFAULT_MAX_PIXELS, check_max_pixels
+from models.registry import RowError, parse_params_dataclass, register_task
+
+__all__ = [
+    "ImageClassification",
+    "ImageClassificationParams",
+    "ImageClassificationTrainable",
+    "ImageTrainingOptions",
+]
+
+
+@dataclass(frozen=True)
+class ImageClassificationParams:
+    top_k: int | None = 1
+    function_to_apply: Literal["default", "sigmoid", "softmax", "none"] = "default"
+    # Images with more pixels than this become error records before any pixel is decoded.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # fsspec options for inputs given as URIs (e.g. {"endpoint_url": ...} for S3).
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageTrainingOptions:
+    """`train.options` of an image-classification fine-tune."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+_SCORE = pa.struct([("label", pa.string()), ("score", pa.float64())])
+
+
+def load_image_processor(model_dir: str) -> Any:
+    """The processor `transformers.pipeline` would load for this folder (PIL backend without torchvision)."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(model_dir)
+
+
+class _Preprocessor:
+    def __init__(self, model_dir: str, params: ImageClassificationParams) -> None:
+        from models.images import compact_pixels
+
+        self.processor = load_image_processor(model_dir)
+        self.compact = compact_pixels(self.processor)
+        self.params = params
+
+    def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
+        from models.images import load_images, pixel_values
+
+        images = load_images(
+            columns["image"], max_pixels=self.params.max_pixels, storage_options=self.params.storage_options
+        )
+        return [
+            image
+            if isinstance(image, RowError)
+            else {"pixel_values": pixel_values(self.processor, image, compact=self.compact)}
+            for image in images
+        ]
+
+
+class _Runner:
+    def __init__(self, model_dir: str, *, device: str, dtype: str) -> None:
+        import torch
+        from transformers import AutoModelForImageClassification
+
+        from models.images import pixel_norm
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.model = (
+            AutoModelForImageClassification.from_pretrained(model_dir, dtype=self.dtype, use_safetensors=True)
+            .to(self.device)
+            .eval()
+        )
+        self.norm = pixel_norm(load_image_processor(model_dir))
+
+    def length(self, features: Mapping[str, Any]) -> int:
+        return int(np.prod(features["pixel_values"].shape[-2:]))  # pixels: max_batch_tokens is a pixel budget
+
+    def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        from models.images import pixels_to_tensor, shape_groups
+
+        out: list[dict[str, Any]] = [{}] * len(batch)
+        arrays = [f["pixel_values"] for f in batch]
+        for idx in shape_groups(arrays):
+            pixels = pixels_to_tensor(
+                [arrays[i] for i in idx], self.norm, device=self.device, dtype=self.dtype
+            )  # (B, C, H, W)
+            with self.torch.inference_mode():
+                logits = self.model(pixel_values=pixels).logits.float().cpu().numpy()  # (B, num_labels)
+            for j, i in enumerate(idx):
+                out[i] = {"logits": logits[j]}
+        return out
+
+
+class _Postprocessor:
+    def __init__(self, model_dir: str, params: ImageClassificationParams) -> None:
+        from transformers import AutoConfig
+        from transformers.pipelines.image_classification import (
+            ClassificationFunction,
+            ImageClassificationPipeline,
+        )
+
+        config = AutoConfig.from_pretrained(model_dir)
+        # The pipeline's postprocess only reads `self.model.config`; calling it keeps parity by construction.
+        self._pipe = SimpleNamespace(model=SimpleNamespace(config=config))
+        self._postprocess = ImageClassificationPipeline.postprocess
+        # The pipeline has no "all labels" value for top_k (None means its default, 5): all = num_labels.
+        self.top_k = params.top_k if params.top_k is not None else config.num_labels
+        self.all_scores = params.top_k != 1
+        self.function_to_apply = (
+            None
+            if params.function_to_apply == "default"
+            else ClassificationFunction(params.function_to_apply)
+        )
+
+    def __call__(
+        self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        import torch
+
+        logits = torch.from_numpy(np.array(output["logits"], dtype=np.float32))[None]  # (1, num_labels)
+        scores = self._postprocess(
+            self._pipe, {"logits": logits}, function_to_apply=self.function_to_apply, top_k=self.top_k
+        )
+        row: dict[str, Any] = {"label": scores[0]["label"], "score": scores[0]["score"]}
+        if self.all_scores:
+            row["scores"] = scores
+        return row
+
+
+@register_task("image-classification")
+class ImageClassification:
+    name = "image-classification"
+    inputs = {"image": True}
+    description = "Image classification (ViT, ConvNeXT, timm): label + score per image."
+    postprocess_inputs = ()
+    postprocess_features = ()
+    # jobs.finetune: one class per row; the image column is not text.
+    training_labels = "class"
+    training_text_inputs: tuple[str, ...] = ()
+
+    def parse_params(self, params: Mapping[str, Any], *, key: str) -> ImageClassificationParams:
+        p = parse_params_dataclass(ImageClassificationParams, params, key=key)
+        if p.top_k is not None and p.top_k < 1:
+            from pipeline.errors import SpecError
+
+            raise SpecError(f"{key}.top_k", f"must be >= 1 or null (all labels), got {p.top_k}")
+        check_max_pixels(p.max_pixels, key=f"{key}.max_pixels")
+        return p
+
+    def output_schema(self, params: ImageClassificationParams) -> pa.Schema:
+        fields = [("label", pa.string()), ("score", pa.float64())]
+        if params.top_k != 1:
+            fields.append(("scores", pa.list_(_SCORE)))
+        return pa.schema(fields)
+
+    def load_preprocessor(self, model_dir: str, params: ImageClassificationParams) -> _Preprocessor:
+        return _Preprocessor(model_dir, params)
+
+    def load_runner(
+        self, model_dir: str, params: ImageClassificationParams, *, device: str, dtype: str
+    ) -> _Runner:
+        return _Runner(model_dir, device=device, dtype=dtype)
+
+    def load_postprocessor(self, model_dir: str, params: ImageClassificationParams) -> _Postprocessor:
+        return _Postprocessor(model_dir, params)
+
+    def parse_training_options(self, options: Mapping[str, Any], *, key: str) -> ImageTrainingOptions:
+        opts = parse_params_dataclass(ImageTrainingOptions, options, key=key)
+        check_max_pixels(opts.max_pixels, key=f"{key}.max_pixels")
+        return opts
+
+    def training(
+        self,
+        base_dir: str,
+        *,
+        label_names: tuple[str, ...],
+        max_length: int,
+        options: Mapping[str, Any] | None = None,
+    ) -> ImageClassificationTrainable:
+        """`jobs.finetune.FineTunable` (`max_length` is a text setting: images ignore it)."""
+        opts = self.parse_training_options(options or {}, key="train.options")
+        return ImageClassificationTrainable(base_dir, label_names=label_names, options=opts)
+
+
+# --- fine-tuning ------------------------------------------------------------------------------------------
+
+
+class ImageClassificationTrainable:
+    """Training-side view of image-classification; built inside each Ray Train worker.
+
+    `encode` decodes the batch's images with the same loader as inference and runs the image processor
+    (float output, rescaled and normalised: training batches stay on the worker). A row whose image does
+    not decode is dropped from its batch with a warning; a batch with no decodable image is an error."""
+
+    def __init__(
+        self, base_dir: str, *, label_names: tuple[str, ...], options: ImageTrainingOptions | None = None
+    ) -> None:
+        self.label_names = label_names
+        self.processor = load_image_processor(base_dir)
+        self.options = options or ImageTrainingOptions()
+
+    def build_model(self, weights_dir: str) -> Any:
+        """The base model (or a checkpoint of this job) with `len(label_names)` outputs named after them."""
+        from transformers import AutoModelForImageClassification
+
+        return AutoModelForImageClassification.from_pretrained(
+            weights_dir,
+            num_labels=len(self.label_names),
+            id2label=dict(enumerate(self.label_names)),
+            label2id={name: i for i, name in enumerate(self.label_names)},
+            problem_type="single_label_classification",
+            # A head of another size (ImageNet's 1000 classes → the job's labels) starts fresh.
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,
+        )
+
+    def encode(self, columns: Mapping[str, list[Any]], labels: list[int]) -> dict[str, Any]:
+        """Rows → {"pixel_values": (B, C, H, W) float, "labels": (B,)} for `model(**batch)`."""
+        import logging
+
+        import torch
+
+        from models.images import load_images
+
+        images = load_images(
+            columns["image"], max_pixels=self.options.max_pixels, storage_options=self.options.storage_options
+        )
+        keep = [i for i, image in enumerate(images) if not isinstance(image, RowError)]
+        if len(keep) < len(images):
+            bad = next(image for image in images if isinstance(image, RowError))
+            logging.getLogger(__name__).warning(
+                "dropped %d of %d training images that do not decode (e.g. %s: %s)",
+                len(images) - len(keep),
+                len(images),
+                bad.error_type,
+                bad.message,
+            )
+        if not keep:
+            raise ValueError(f"no image of this batch of {len(images)} decodes; e.g. {images[0]}")
+        pixels = self.processor(images=[images[i] for i in keep], return_tensors="pt")["pixel_values"]
+        return {
+            "pixel_values": pixels,
+            "labels": torch.as_tensor([labels[i] for i in keep], dtype=torch.long),
+        }
+
+    def save(self, model: Any, out_dir: str) -> None:
+        """A folder that `kind: inference` (and `pipeline("image-classification")`) loads."""
+        model.save_pretrained(out_dir)
+        self.processor.save_pretrained(out_dir)
