@@ -8,7 +8,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC := $(if $(HAS_GPU),torch>=2.5,torch==2.13.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all lint bench assets clean
+.PHONY: venv demo test test-all lint bench bench-generation assets clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.text_classification
+
+bench-generation: $(STAMP)
+	$(PY) -m bench.generation --task text-generation
+	$(PY) -m bench.generation --task summarization
 
 clean:
 	rm -rf $(VENV) .pytest_cache
