@@ -1,1 +1,288 @@
-"""audio-classification: not implemented yet (placeholder so the task registry can list it)."""
+"""audio-classification: any `AutoModelForAudioClassification` (Wav2Vec2, HuBERT, WavLM, AST, ...).
+
+Input `audio`: encoded bytes (WAV, FLAC, OGG, MP3), an HF `datasets` Audio struct ({bytes, path} or
+{array, sampling_rate}), or a path/URI (see `models.audio`). Params follow
+`transformers.pipeline("audio-classification")`: `top_k` (1 → label/score; k > 1 or null → also `scores`,
+best first; the pipeline's own default is 5, shardwise's is 1 like the other classification tasks) and
+`function_to_apply` (default | sigmoid | softmax | none); plus `max_duration_s` (longer clips are error
+records), `batching` (exact | pad, see `models.audio`) and `storage_options` (fsspec options for URIs).
+
+CPU preprocess: decode, downmix, resample to the feature extractor's rate (`models.audio.load_audio`),
+then the pipeline's own preprocess (`AudioClassificationPipeline.preprocess`: the feature extractor on the
+whole clip). The replica pads (or groups) by duration and runs the model only. Postprocessing is the
+pipeline's own (`AudioClassificationPipeline.postprocess`), so labels and scores are the pipeline's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from models.audio import DEFAULT_MAX_DURATION_S, check_max_duration
+from models.registry import RowError, parse_params_dataclass, register_task
+
+__all__ = [
+    "AudioClassification",
+    "AudioClassificationParams",
+    "AudioClassificationTrainable",
+    "AudioTrainingOptions",
+]
+
+
+@dataclass(frozen=True)
+class AudioClassificationParams:
+    top_k: int | None = 1
+    function_to_apply: Literal["default", "sigmoid", "softmax", "none"] = "default"
+    # Clips longer than this (seconds) become error records before they are decoded; null: no cap.
+    max_duration_s: float | None = DEFAULT_MAX_DURATION_S
+    # exact: outputs equal the unbatched pipeline's; pad: zero-pad mixed durations for models trained without
+    # attention masks too (faster, outputs differ a little). See models.audio.
+    batching: Literal["exact", "pad"] = "exact"
+    # fsspec options for inputs given as URIs (e.g. {"endpoint_url": ...} for S3).
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AudioTrainingOptions:
+    """`train.options` of an audio fine-tune (classification or CTC speech recognition)."""
+
+    max_duration_s: float | None = DEFAULT_MAX_DURATION_S
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+_SCORE = pa.struct([("label", pa.string()), ("score", pa.float64())])
+
+
+def load_feature_extractor(model_dir: str) -> Any:
+    from transformers import AutoFeatureExtractor
+
+    return AutoFeatureExtractor.from_pretrained(model_dir)
+
+
+class _Preprocessor:
+    def __init__(self, model_dir: str, params: AudioClassificationParams) -> None:
+        from transformers import AutoConfig
+        from transformers.pipelines.audio_classification import AudioClassificationPipeline
+
+        self.fe = load_feature_extractor(model_dir)
+        self.config = AutoConfig.from_pretrained(model_dir)
+        self.params = params
+        self.main = self.fe.model_input_names[0]
+        # The pipeline's preprocess reads only these two attributes of the pipeline.
+        self._pipe = SimpleNamespace(feature_extractor=self.fe, dtype=None)
+        self._preprocess = AudioClassificationPipeline.preprocess
+
+    def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
+        from models.audio import load_for_model, pack_chunks
+
+        out: list[dict[str, Any] | RowError] = []
+        audios = load_for_model(
+            columns["audio"],
+            feature_extractor=self.fe,
+            config=self.config,
+            max_duration_s=self.params.max_duration_s,
+            storage_options=self.params.storage_options,
+        )
+        for audio in audios:
+            if isinstance(audio, RowError):
+                out.append(audio)
+                continue
+            processed = self._preprocess(self._pipe, audio)  # BatchFeature, batch axis of 1
+            out.append(pack_chunks([processed], main=self.main))
+        return out
+
+
+class _Runner:
+    def __init__(self, model_dir: str, params: AudioClassificationParams, *, device: str, dtype: str) -> None:
+        import torch
+        from transformers import AutoModelForAudioClassification
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.model = (
+            AutoModelForAudioClassification.from_pretrained(
+                model_dir, dtype=getattr(torch, dtype), use_safetensors=True
+            )
+            .to(self.device)
+            .eval()
+        )
+        self.dtype = self.model.dtype
+        fe = load_feature_extractor(model_dir)
+        # The pipeline passes the mask exactly when the extractor returns one (models trained with masks).
+        self.use_mask = bool(getattr(fe, "return_attention_mask", False))
+        self.pad = self.use_mask or params.batching == "pad"
+
+    def length(self, features: Mapping[str, Any]) -> int:
+        if "lengths" in features:
+            return int(features["lengths"].sum())
+        return int(features["x"][0].size)
+
+    def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        from models.audio import chunk_items, forward_groups, stack_chunks
+
+        torch = self.torch
+        items = chunk_items(batch)  # one chunk per row: the whole clip
+        logits_out: list[np.ndarray | None] = [None] * len(batch)
+        for group in forward_groups(batch, items, pad=self.pad, max_items=len(items)):
+            x, mask, lengths = stack_chunks(batch, items, group)
+            inputs = {self.model.main_input_name: torch.from_numpy(x).to(self.device, non_blocking=True)}
+            inputs[self.model.main_input_name] = inputs[self.model.main_input_name].to(self.dtype)
+            if mask is not None and (lengths is None or self.use_mask):
+                inputs["attention_mask"] = torch.from_numpy(mask).to(self.device, non_blocking=True)
+            with torch.inference_mode():
+                logits = self.model(**inputs).logits.float().cpu().numpy()  # (B, num_labels)
+            for j, i in enumerate(group):
+                logits_out[items[i][0]] = logits[j]
+        return [{"logits": logits} for logits in logits_out]
+
+
+class _Postprocessor:
+    def __init__(self, model_dir: str, params: AudioClassificationParams) -> None:
+        from transformers import AutoConfig
+        from transformers.pipelines.audio_classification import AudioClassificationPipeline
+
+        config = AutoConfig.from_pretrained(model_dir)
+        # The pipeline's postprocess only reads `self.model.config`; calling it keeps parity by construction.
+        self._pipe = SimpleNamespace(model=SimpleNamespace(config=config))
+        self._postprocess = AudioClassificationPipeline.postprocess
+        # As the pipeline's `_sanitize_parameters`: null → all labels, more than there are → all of them.
+        self.k = min(params.top_k or config.num_labels, config.num_labels)
+        self.top_k = params.top_k
+        self.function_to_apply = None if params.function_to_apply == "default" else params.function_to_apply
+
+    def __call__(
+        self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        import torch
+
+        logits = torch.from_numpy(np.array(output["logits"], dtype=np.float32))[None]  # (1, num_labels)
+        scores = self._postprocess(
+            self._pipe,
+            SimpleNamespace(logits=logits),
+            top_k=self.k,
+            function_to_apply=self.function_to_apply,
+        )
+        row: dict[str, Any] = {"label": scores[0]["label"], "score": scores[0]["score"]}
+        if self.top_k != 1:
+            row["scores"] = scores
+        return row
+
+
+@register_task("audio-classification")
+class AudioClassification:
+    name = "audio-classification"
+    inputs = {"audio": True}
+    description = "Audio/speech classification (keywords, speakers, emotion, sounds): label + score per clip."
+    postprocess_inputs = ()
+    postprocess_features = ()
+    # jobs.finetune: one class per row, read from train.label_column; `audio` is not text.
+    training_labels = "class"
+    training_text_inputs: tuple[str, ...] = ()
+
+    def parse_params(self, params: Mapping[str, Any], *, key: str) -> AudioClassificationParams:
+        p = parse_params_dataclass(AudioClassificationParams, params, key=key)
+        if p.top_k is not None and p.top_k < 1:
+            from pipeline.errors import SpecError
+
+            raise SpecError(f"{key}.top_k", f"must be >= 1 or null (all labels), got {p.top_k}")
+        check_max_duration(p.max_duration_s, key=f"{key}.max_duration_s")
+        return p
+
+    def output_schema(self, params: AudioClassificationParams) -> pa.Schema:
+        fields = [("label", pa.string()), ("score", pa.float64())]
+        if params.top_k != 1:
+            fields.append(("scores", pa.list_(_SCORE)))
+        return pa.schema(fields)
+
+    def load_preprocessor(self, model_dir: str, params: AudioClassificationParams) -> _Preprocessor:
+        return _Preprocessor(model_dir, params)
+
+    def load_runner(
+        self, model_dir: str, params: AudioClassificationParams, *, device: str, dtype: str
+    ) -> _Runner:
+        return _Runner(model_dir, params, device=device, dtype=dtype)
+
+    def load_postprocessor(self, model_dir: str, params: AudioClassificationParams) -> _Postprocessor:
+        return _Postprocessor(model_dir, params)
+
+    def parse_training_options(self, options: Mapping[str, Any], *, key: str) -> AudioTrainingOptions:
+        opts = parse_params_dataclass(AudioTrainingOptions, options, key=key)
+        check_max_duration(opts.max_duration_s, key=f"{key}.max_duration_s")
+        return opts
+
+    def training(
+        self,
+        base_dir: str,
+        *,
+        label_names: tuple[str, ...],
+        max_length: int,
+        options: Mapping[str, Any],
+    ) -> AudioClassificationTrainable:
+        """`jobs.finetune.FineTunable`. `max_length` (tokens) does not apply to audio: clips are whole,
+        up to `train.options.max_duration_s`."""
+        return AudioClassificationTrainable(
+            base_dir,
+            label_names=label_names,
+            options=self.parse_training_options(options, key="train.options"),
+        )
+
+
+# --- fine-tuning ------------------------------------------------------------------------------------------
+# jobs.finetune's `Trainable`: a head sized to the job's labels, clips decoded and featurised like inference
+# (same loader, the extractor pads the batch), a standard HF folder with the feature extractor.
+
+
+class AudioClassificationTrainable:
+    """Training-side view of audio-classification; built inside each Ray Train worker."""
+
+    def __init__(self, base_dir: str, *, label_names: tuple[str, ...], options: AudioTrainingOptions) -> None:
+        from transformers import AutoConfig
+
+        self.label_names = label_names
+        self.options = options
+        self.fe = load_feature_extractor(base_dir)
+        self.config = AutoConfig.from_pretrained(base_dir)
+
+    def build_model(self, weights_dir: str) -> Any:
+        """The base model (or a checkpoint of this job) with `len(label_names)` outputs named after them;
+        a base without a classification head (a CTC model, a bare encoder) gets a fresh one."""
+        from transformers import AutoModelForAudioClassification
+
+        return AutoModelForAudioClassification.from_pretrained(
+            weights_dir,
+            num_labels=len(self.label_names),
+            id2label=dict(enumerate(self.label_names)),
+            label2id={name: i for i, name in enumerate(self.label_names)},
+            problem_type="single_label_classification",
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,
+        )
+
+    def encode(self, columns: Mapping[str, list[Any]], labels: list[int]) -> dict[str, Any]:
+        """Clips → the extractor's padded batch (+ its attention mask where the model takes one)."""
+        import torch
+
+        from models.audio import load_for_training
+
+        audios = load_for_training(
+            columns["audio"],
+            feature_extractor=self.fe,
+            config=self.config,
+            max_duration_s=self.options.max_duration_s,
+            storage_options=self.options.storage_options,
+        )
+        batch = dict(
+            self.fe(audios, sampling_rate=self.fe.sampling_rate, padding=True, return_tensors="pt")
+        )  # input_values (B, T) (+ attention_mask (B, T))
+        batch["labels"] = torch.as_tensor(labels, dtype=torch.long)  # (B,)
+        return batch
+
+    def save(self, model: Any, out_dir: str) -> None:
+        """A folder that `kind: inference` (and `pipeline("audio-classification")`) loads."""
+        model.save_pretrained(out_dir)
+        self.fe.save_pretrained(out_dir)
