@@ -32,6 +32,7 @@ __all__ = [
     "format_table",
     "machine_info",
     "rt_review_pool",
+    "steady_rate",
     "summarize",
     "text_stats",
     "write_results",
@@ -229,6 +230,15 @@ def text_stats(texts: Sequence[str], token_lengths: Sequence[int]) -> dict[str, 
 
 # -------------------------------------------------------------------------------------------------------
 # Results
+
+
+def steady_rate(events: Sequence[tuple[float, int]]) -> float | None:
+    """Rows per second between the first and the last (time, rows) event, the first event's rows excluded;
+    None with fewer than two distinct times."""
+    events = sorted(events)
+    if len(events) < 2 or events[-1][0] <= events[0][0]:
+        return None
+    return sum(r for _, r in events[1:]) / (events[-1][0] - events[0][0])
 
 
 def agreement(a: Sequence[str], b: Sequence[str]) -> float:

@@ -50,6 +50,7 @@ from bench.common import (
     format_table,
     machine_info,
     rt_review_pool,
+    steady_rate,
     summarize,
     text_stats,
     write_results,
@@ -178,13 +179,6 @@ def _read_texts(uri: Path, n: int, column: str) -> list[str]:
     return out
 
 
-def _steady(events: Sequence[tuple[float, int]]) -> float | None:
-    events = sorted(events)
-    if len(events) < 2 or events[-1][0] <= events[0][0]:
-        return None
-    return sum(r for _, r in events[1:]) / (events[-1][0] - events[0][0])
-
-
 @dataclass(frozen=True)
 class _Inputs:
     model_dir: Path
@@ -236,7 +230,7 @@ def run_shardwise(
     shards = [s for s in result.manifest["shards"].values() if s["run_id"] == result.run_id]
     events = sorted((s["committed_at"], s["rows_in"]) for s in shards)
     rows = sum(s["rows_in"] for s in shards)
-    steady = _steady(events)
+    steady = steady_rate(events)
     return SystemRun(
         "shardwise",
         rows,
@@ -355,7 +349,7 @@ def run_naive_ray(
     table = pads.dataset(str(out_dir), format="parquet").to_table(columns=["id", "batch_done_at"])
     done, counts = np.unique(table.column("batch_done_at").to_numpy(), return_counts=True)
     rows = table.num_rows
-    steady = _steady(list(zip(done.tolist(), counts.tolist(), strict=True)))
+    steady = steady_rate(list(zip(done.tolist(), counts.tolist(), strict=True)))
     return SystemRun(
         "naive_ray",
         rows,

@@ -44,8 +44,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bench.common import CpuMeter, SystemRun, agreement, format_table, machine_info, summarize, write_results
-from bench.text_classification import _steady
+from bench.common import (
+    CpuMeter,
+    SystemRun,
+    agreement,
+    format_table,
+    machine_info,
+    steady_rate,
+    summarize,
+    write_results,
+)
 
 __all__ = ["MODELS", "SYSTEMS", "BenchConfig", "build_images", "main", "prepare_model", "run_benchmark"]
 
@@ -220,7 +228,7 @@ def run_shardwise(cfg: BenchConfig, inp: _Inputs, *, tag: str, input_path: Path 
     shards = [s for s in result.manifest["shards"].values() if s["run_id"] == result.run_id]
     events = sorted((s["committed_at"], s["rows_in"]) for s in shards)
     rows = sum(s["rows_in"] for s in shards)
-    steady = _steady(events)
+    steady = steady_rate(events)
     labels, scores = _read_labels(out_uri, rows)
     return SystemRun(
         "shardwise",
@@ -326,7 +334,7 @@ def run_naive_ray(cfg: BenchConfig, inp: _Inputs, *, tag: str, input_path: Path 
     table = pads.dataset(str(out_dir), format="parquet").to_table(columns=["id", "batch_done_at"])
     done, counts = np.unique(table.column("batch_done_at").to_numpy(), return_counts=True)
     rows = table.num_rows
-    steady = _steady(list(zip(done.tolist(), counts.tolist(), strict=True)))
+    steady = steady_rate(list(zip(done.tolist(), counts.tolist(), strict=True)))
     labels, scores = _read_labels(out_dir, rows)
     return SystemRun("naive_ray", rows, wall, steady if steady is not None else rows / wall, labels, scores)
 

@@ -50,6 +50,7 @@ from bench.common import (
     format_table,
     machine_info,
     rt_review_pool,
+    steady_rate,
     summarize,
     text_stats,
     write_results,
@@ -178,15 +179,6 @@ def _read_labels(uri: Path, n: int) -> tuple[list[str], list[float]]:
     return labels, scores
 
 
-def _steady(events: Sequence[tuple[float, int]]) -> float | None:
-    """Rows per second between the first and the last (time, rows) event, the first event's rows excluded;
-    None with fewer than two distinct times."""
-    events = sorted(events)
-    if len(events) < 2 or events[-1][0] <= events[0][0]:
-        return None
-    return sum(r for _, r in events[1:]) / (events[-1][0] - events[0][0])
-
-
 # -------------------------------------------------------------------------------------------------------
 # The four systems
 
@@ -248,7 +240,7 @@ def run_shardwise(cfg: BenchConfig, inp: _Inputs, *, tag: str, input_path: Path 
     shards = [s for s in result.manifest["shards"].values() if s["run_id"] == result.run_id]
     events = sorted((s["committed_at"], s["rows_in"]) for s in shards)
     rows = sum(s["rows_in"] for s in shards)
-    steady = _steady(events)
+    steady = steady_rate(events)
     labels, scores = _read_labels(out_uri, rows)
     return SystemRun(
         "shardwise",
@@ -375,7 +367,7 @@ def run_naive_ray(cfg: BenchConfig, inp: _Inputs, *, tag: str, input_path: Path 
     table = pads.dataset(str(out_dir), format="parquet").to_table(columns=["id", "batch_done_at"])
     done, counts = np.unique(table.column("batch_done_at").to_numpy(), return_counts=True)
     rows = table.num_rows
-    steady = _steady(list(zip(done.tolist(), counts.tolist(), strict=True)))
+    steady = steady_rate(list(zip(done.tolist(), counts.tolist(), strict=True)))
     labels, scores = _read_labels(out_dir, rows)
     return SystemRun(
         "naive_ray",
