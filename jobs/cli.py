@@ -75,8 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="list tasks: inputs, params and output schema")
     tasks.add_argument("--json", action="store_true")
 
-    validate = sub.add_parser("validate", help="check a job spec without running it")
+    validate = sub.add_parser(
+        "validate", help="check a job without running it: spec, model, input columns, output location"
+    )
     validate.add_argument("spec")
+    validate.add_argument(
+        "--spec-only", action="store_true", help="check the spec's keys and values only (no files are read)"
+    )
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     return p
 
@@ -118,6 +123,9 @@ def _validate(args: argparse.Namespace) -> int:
     from pipeline.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
+    if args.spec_only:
+        print(f"{args.spec}: spec ok ({spec.kind}, task {spec.stage.task})")
+        return 0
     if spec.kind == "inference":
         from pipeline.execute import preflight
 

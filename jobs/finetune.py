@@ -646,6 +646,7 @@ def run_finetune(
     `address` joins a running Ray cluster (else an embedded one starts); `overwrite` is the CLI's
     `--overwrite` (same as output.mode: overwrite). Raises ShardwiseError subclasses on failure.
     """
+    from models.loading import model_identity, resolve_model
     from models.registry import available_tasks, get_task
 
     started = time.time()
@@ -668,20 +669,7 @@ def run_finetune(
 
     _check_locations(spec)
     out = OutputDir(spec.output.uri, storage_options=spec.output.storage_options)
-    _check_output(spec, out, delete=False)  # before a lease file is written into a folder that is not ours
-    run_id = new_run_id()
-    with Lease(out, run_id, what=f"fine-tune {spec.name!r}"):
-        return _finetune_locked(spec, out, run_id=run_id, started=started, address=address, progress=progress)
-
-
-def _finetune_locked(
-    spec: JobSpec, out: OutputDir, *, run_id: str, started: float, address: str | None, progress: bool
-) -> FinetuneResult:
-    from models.loading import model_identity, resolve_model
-
-    t = spec.train
-    assert t is not None
-    stage = spec.stage
+    # Read-only checks first: nothing (not even a lease file) is written before the job is known to be good.
     _check_output(spec, out, delete=False)
     data = _prepare_data(spec)
     # A local base model becomes an absolute path (workers run in their own directories); a remote one is
@@ -691,6 +679,37 @@ def _finetune_locked(
     if not remote_model:
         _check_base_model(base, stage.model)
     fp = _fingerprint(spec, data, model_identity(stage.model, revision=stage.revision))
+    run_id = new_run_id()
+    with Lease(out, run_id, what=f"fine-tune {spec.name!r}"):
+        _check_output(spec, out, delete=False)  # again, now that no other run can change it
+        return _finetune_locked(
+            spec,
+            out,
+            data,
+            base=base,
+            fp=fp,
+            run_id=run_id,
+            started=started,
+            address=address,
+            progress=progress,
+        )
+
+
+def _finetune_locked(
+    spec: JobSpec,
+    out: OutputDir,
+    data: _Data,
+    *,
+    base: str,
+    fp: str,
+    run_id: str,
+    started: float,
+    address: str | None,
+    progress: bool,
+) -> FinetuneResult:
+    t = spec.train
+    assert t is not None
+    stage = spec.stage
     ckpt_uri = t.checkpoint_uri or posixpath.join(spec.output.uri.rstrip("/"), CHECKPOINTS)
     storage_path, storage_fs = _storage(ckpt_uri, spec.output.storage_options)
     run_name = _run_name(spec, fp)

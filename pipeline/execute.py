@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import uuid
@@ -491,8 +492,32 @@ def _redact(data: Any) -> Any:
     return redact(data)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The line of a remote traceback that names the exception: "pkg.mod.SomeError: message".
+_EXC_LINE = re.compile(
+    r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Mismatch|Exceeded|Failed|Locked)): ?(.*)$"
+)
+
+
+def _remote_cause(text: str) -> tuple[str, str] | None:
+    """(exception type, message) of the first exception in a Ray task error's text: Ray Data wraps a UDF's
+    exception in UserCodeException and only the text of the worker's traceback keeps the original."""
+    first = _ANSI.sub("", text).split("The above exception was the direct cause of the following exception:")[
+        0
+    ]
+    lines = first.strip().splitlines()
+    for i, line in enumerate(lines):
+        match = _EXC_LINE.match(line)
+        if match and not line.startswith(" "):
+            message = "\n".join([match.group(2), *lines[i + 1 :]]).strip()
+            return match.group(1), message
+    return None
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     """The innermost ShardwiseError (or the original user-code exception) inside Ray's wrappers."""
+    import pipeline.errors as errors
+
     seen = set()
     current: BaseException | None = exc
     best: BaseException = exc
@@ -500,6 +525,17 @@ def _root_cause(exc: BaseException) -> BaseException:
         seen.add(id(current))
         if isinstance(current, ShardwiseError):
             return current
+        remote = _remote_cause(str(current)) if type(current).__module__.startswith("ray") else None
+        if remote is not None and not remote[0].startswith("ray."):
+            name, message = remote
+            cls = (
+                getattr(errors, name.rsplit(".", 1)[-1], None)
+                if name.startswith("pipeline.errors.")
+                else None
+            )
+            if isinstance(cls, type) and issubclass(cls, ShardwiseError):
+                return SpecError("", message) if cls is SpecError else cls(message)
+            return JobFailed(f"the job failed: {name.rsplit('.', 1)[-1]}: {message}")
         cause = getattr(current, "cause", None)
         if isinstance(cause, BaseException):
             best = cause
