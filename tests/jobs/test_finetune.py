@@ -114,6 +114,12 @@ def test_output_is_a_standard_hf_folder(finetuned: FinetuneResult) -> None:
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "train_metrics.json", "_SUCCESS"} <= names
     assert not names & {"train_state.pt", "_checkpoints"}  # resume state stays out of the published model
+    # `shardwise status` reads fine-tune outputs: the manifest lists the published files, all present.
+    from pipeline.status import output_status
+
+    info = output_status(str(out))
+    assert (info["kind"], info["state"], info["epochs"], info["problems"]) == ("finetune", "succeeded", 3, [])
+    assert "model.safetensors" in json.loads((out / "_manifest.json").read_text())["files"]
     model = AutoModelForSequenceClassification.from_pretrained(out, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.id2label == {0: "neg", 1: "pos"}
