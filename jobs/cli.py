@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 
@@ -213,6 +214,14 @@ def _status(args: argparse.Namespace) -> int:
         print("no run holds it now: rerun the same job to resume from its committed shards")
     if info["reason"] and state in ("failed", "interrupted"):
         print(f"reason: {info['reason']}")
+    for run in info.get("run_log", [])[-5:]:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.get("started") or run["finished_at"]))
+        added = f", {len(run['files_added'])} file(s) added" if run.get("files_added") else ""
+        print(
+            f"run {run['run_id']} ({when}): {run['state']}, {run.get('shards_run', 0)} shards"
+            + (f", {run['rows_ok']} rows ok, {run['rows_error']} errors" if "rows_ok" in run else "")
+            + f"{added}, {run.get('wall', 0):.1f} s"
+        )
     for problem in info["problems"][:20]:
         print(f"problem: {problem}")
     if len(info["problems"]) > 20:

@@ -336,7 +336,8 @@ class OutputDir:
                 "wrote, and never deletes what is not its own. Choose another output.uri"
             )
         if manifest is None:
-            if [n for n in self._listdir("") if n != LEASE]:
+            # A lease (and its hidden temp file) is there while another run starts: not a reason to refuse.
+            if [n for n in self._listdir("") if n != LEASE and not fnmatch.fnmatchcase(n, ".*.tmp-*")]:
                 raise OutputError(
                     f"output.uri {self.uri!r} holds shardwise files but no {MANIFEST} (it was removed, or the "
                     "folder was copied in part); it cannot be resumed or safely overwritten. Delete the folder "

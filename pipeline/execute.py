@@ -57,7 +57,9 @@ from pipeline.plan import Shard, fingerprint, plan_shards
 from pipeline.sources import (
     Fragment,
     content_hashes,
+    describe_files,
     input_schema,
+    list_files,
     list_fragments,
     read_shard,
     resolve_format,
@@ -379,6 +381,11 @@ class Prepared:
     fingerprint: str
     parts: dict[str, Any]
     notes: list[str]
+    # Incremental jobs: every file the output covers once this run succeeds (rel → [size, version, rows]),
+    # the files this run adds, and files an earlier run annotated that the input no longer lists.
+    files: dict[str, list[Any]] | None = None
+    files_added: tuple[str, ...] = ()
+    files_removed: tuple[str, ...] = ()
 
     @property
     def rows_total(self) -> int:
@@ -409,10 +416,9 @@ def _check_writable(uri: str) -> None:
         raise SpecError("output.uri", f"{uri!r} cannot be written here ({path} is not a writable folder)")
 
 
-def preflight(spec: JobSpec) -> Prepared:
-    """Everything that can be checked before Ray starts: the task and params, that the model resolves, that
-    the input exists, has rows and the mapped columns, and that the output is a safe, writable place."""
-    from models.loading import model_identity
+def _check_job(spec: JobSpec) -> tuple[JobSpec, Any, Any, pa.Schema]:
+    """The task and params, that the model resolves, that the output is a safe and writable place, and the
+    input's format. Nothing is planned yet."""
     from models.registry import get_task
 
     stage = spec.stage
@@ -428,21 +434,73 @@ def preflight(spec: JobSpec) -> Prepared:
     )
     _check_writable(spec.output.uri)
     spec = dataclasses.replace(spec, input=resolve_format(spec.input))
-    fragments = list_fragments(spec.input)
+    return spec, task, params, output_schema
+
+
+def _plan_job(
+    checked: tuple[JobSpec, Any, Any, pa.Schema],
+    fragments: list[Fragment],
+    *,
+    incremental: bool = False,
+    allow_no_rows: bool = False,
+) -> Prepared:
+    from models.loading import model_identity
+
+    spec, task, params, output_schema = checked
+    stage = spec.stage
     if fragments:
         _check_columns(spec, input_schema(spec.input, fragments[0]), output_schema)
     notes: list[str] = []
     shards = plan_shards(spec, fragments, notes=notes)
-    if not shards and not spec.input.allow_empty:
+    if not shards and not (spec.input.allow_empty or allow_no_rows):
         raise SourceError(
             f"input.uri {spec.input.uri!r} has no rows ({len(fragments)} file(s), all empty); check the path or "
             "glob, or set input.allow_empty: true if an empty input is expected (the job then succeeds with "
             "no part files)"
         )
     fp, parts = fingerprint(
-        spec, fragments, model_identity=model_identity(stage.model, revision=stage.revision)
+        spec,
+        fragments,
+        model_identity=model_identity(stage.model, revision=stage.revision),
+        with_files=not incremental,
     )
     return Prepared(spec, task, params, output_schema, fragments, shards, fp, parts, notes)
+
+
+def preflight(spec: JobSpec) -> Prepared:
+    """Everything that can be checked before Ray starts: the task and params, that the model resolves, that
+    the input exists, has rows and the mapped columns, and that the output is a safe, writable place."""
+    checked = _check_job(spec)
+    return _plan_job(checked, list_fragments(checked[0].input), incremental=spec.output.mode == "incremental")
+
+
+def _plan_incremental(
+    checked: tuple[JobSpec, Any, Any, pa.Schema], previous: dict[str, Any] | None
+) -> Prepared:
+    """Plan only the files an incremental output does not cover yet. Files already done (same path, size and
+    mtime/etag) are skipped without being opened. A done file that changed is refused, naming it (its old
+    predictions cannot be replaced atomically); a done file that disappeared keeps its predictions."""
+    spec = checked[0]
+    done: dict[str, list[Any]] = dict((previous or {}).get("files") or {})
+    entries = list_files(spec.input)
+    listed = {e.rel for e in entries}
+    changed = [e.rel for e in entries if e.rel in done and list(done[e.rel][:2]) != [e.size, e.version]]
+    if changed:
+        raise SourceError(
+            f"input file(s) {changed[:5]} changed since an earlier run of this incremental output annotated "
+            "them (size or mtime/etag differ); incremental mode only adds new files. Restore them, write the "
+            "new content under a new file name, or rerun with --overwrite to annotate everything again"
+        )
+    new = [e for e in entries if e.rel not in done]
+    fragments = describe_files(spec.input, new)
+    prep = _plan_job(checked, fragments, incremental=True, allow_no_rows=bool(done))
+    files = {**done, **{f.rel: [f.size, f.version, f.num_rows] for f in fragments}}
+    return dataclasses.replace(
+        prep,
+        files=files,
+        files_added=tuple(f.rel for f in fragments),
+        files_removed=tuple(sorted(set(done) - listed)),
+    )
 
 
 def _manifest(
@@ -572,19 +630,23 @@ def run_inference(
     checked); `verify_input` hashes the input files and refuses to resume over files whose content changed
     (even with the same size and mtime); `wait_s` waits that long for another run's lease on the output."""
     started = time.time()
-    prep = preflight(spec)
-    for note in prep.notes:
-        _warn(note)
-    spec = prep.spec
+    incremental = spec.output.mode == "incremental"
+    checked = _check_job(spec)
+    spec = checked[0]
     out = OutputDir(
         spec.output.uri, storage_options=spec.output.storage_options, compression=spec.output.compression
     )
+    mode = "overwrite" if overwrite else ("resume" if incremental else spec.output.mode)
+    prep = None if incremental else _plan_job(checked, list_fragments(spec.input))
+    # Refuse a foreign folder before writing a lease into it.
+    out.claim(kind="inference", mode=mode, delete=False)
     run_id = new_run_id()
-    mode = "overwrite" if overwrite else spec.output.mode
-    out.claim(
-        kind="inference", mode=mode, delete=False
-    )  # refuse a foreign folder before writing a lease there
     with Lease(out, run_id, what=f"inference job {spec.name!r}", wait_s=wait_s) as lease:
+        if prep is None:  # incremental: what is done is read under the lease, then only new files are planned
+            previous = None if overwrite else out.claim(kind="inference", mode=mode, delete=False)
+            prep = _plan_incremental(checked, previous)
+        for note in prep.notes:
+            _warn(note)
         return _run_locked(
             prep,
             out,
@@ -647,7 +709,10 @@ def _run_locked(
         _warn(note)
     previous = out.read_manifest() or {}
     input_sha256 = _check_input_content(prep, previous, verify_input=verify_input)
+    incremental = prep.files is not None
     planned = {s.shard_id for s in prep.shards}
+    # An incremental output keeps the shards of earlier runs: they count, but are not planned again.
+    kept = {k: v for k, v in committed.items() if k not in planned} if incremental else {}
     committed = {k: v for k, v in committed.items() if k in planned}
     todo = [s for s in prep.shards if s.shard_id not in committed]
     if max_shards is not None:
@@ -656,13 +721,23 @@ def _run_locked(
         {"run_id": run_id, "started_at": started, "shards_todo": len(todo), "shards_skipped": len(committed)}
     ]
     out.clear_success()
-    ledger = Ledger(out, run_id=run_id, previous=committed)
+    ledger = Ledger(out, run_id=run_id, previous={**kept, **committed})
+    files_done = previous.get("files") if incremental else None
 
     def manifest(state: str, reason: str | None = None) -> dict[str, Any]:
-        return _manifest(prep, ledger, state=state, runs=runs, input_sha256=input_sha256, reason=reason)
+        data = _manifest(prep, ledger, state=state, runs=runs, input_sha256=input_sha256, reason=reason)
+        if incremental:
+            # The files a run adds count as done only once all their shards are committed.
+            data.update(
+                mode="incremental",
+                files=prep.files if state == "succeeded" else files_done or {},
+                shards_total=len(kept) + len(prep.shards),
+                rows_total=sum(r.rows_in for r in kept.values()) + prep.rows_total,
+            )
+        return data
 
     out.write_manifest(manifest("running"))
-    rows_total = prep.rows_total
+    rows_total = prep.rows_total + sum(r.rows_in for r in kept.values())
     allowed = _allowed_errors(spec, rows_total)
     bar = _progress(progress, total=rows_total, initial=ledger.rows_in)
     try:
@@ -710,10 +785,19 @@ def _run_locked(
         else:
             failure = JobFailed(f"the job failed: {type(cause).__name__}: {cause}")
         runs[-1]["finished_at"] = time.time()
+        state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         try:
             ledger.flush()
-            out.write_manifest(
-                manifest("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", reason=str(failure))
+            out.write_manifest(manifest(state, reason=str(failure)))
+            _write_run_log(
+                out,
+                run_id=run_id,
+                started=started,
+                wall=time.time() - started,
+                state=state,
+                reason=str(failure),
+                shards_run=len(ledger.done) - len(kept) - len(committed),
+                files_added=[],
             )
         except Exception:  # noqa: BLE001 - the original failure is what the user must see
             pass
@@ -726,13 +810,14 @@ def _run_locked(
 
     # The records on storage are the truth: check every planned shard's record against its part file.
     lease.check()
-    records = {k: v for k, v in out.read_records().items() if k in planned}
+    records = {k: v for k, v in out.read_records().items() if k in planned or k in kept}
     good, bad = out.verified(records, fingerprint=prep.fingerprint)
     leftover = [good[k] for k in out.single_records if k in good]
     if len(leftover) > 0:
         out.compact(leftover, tag=f"{run_id}-final")  # single records of earlier runs or retried tasks
     ledger = Ledger(out, run_id=run_id, previous=good)
-    ledger.run_rows = sum(r.rows_in for r in good.values() if r.run_id == run_id)
+    this_run = [r for r in good.values() if r.run_id == run_id]
+    ledger.run_rows = sum(r.rows_in for r in this_run)
     wall = time.time() - started
     runs[-1].update(finished_at=time.time(), wall_s=wall, rows_run=ledger.run_rows)
     missing = sorted(planned - set(good))
@@ -761,6 +846,18 @@ def _run_locked(
         state = "partial"
     manifest_data = manifest(state, reason=reason)
     out.write_manifest(manifest_data)
+    _write_run_log(
+        out,
+        run_id=run_id,
+        started=started,
+        wall=wall,
+        state=state,
+        shards_run=len(this_run),
+        rows_ok=sum(r.rows_ok for r in this_run),
+        rows_error=sum(r.rows_error for r in this_run),
+        files_added=list(prep.files_added),
+        files_removed=list(prep.files_removed),
+    )
     result = JobResult(
         spec.output.uri,
         state,
@@ -783,6 +880,13 @@ def _run_locked(
     if state == "succeeded":
         out.write_success()
     return result
+
+
+def _write_run_log(out: OutputDir, *, run_id: str, **figures: Any) -> None:
+    """`_runs/<run id>.json`: one record per finished run (when, what it added, its counts, its wall time),
+    which `status` lists: the history of an output that grows run by run."""
+    record = {"run_id": run_id, "finished_at": time.time(), **figures}
+    out.write_bytes(f"_runs/{run_id}.json", json.dumps(record, sort_keys=True).encode())
 
 
 def new_run_id() -> str:

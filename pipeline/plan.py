@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.sources import Fragment
 from pipeline.spec import JobSpec, spec_to_dict
 
-__all__ = ["PLAN_VERSION", "Shard", "fingerprint", "plan_shards"]
+__all__ = ["PLAN_VERSION", "Shard", "file_key", "fingerprint", "plan_shards"]
 
 # 2: Parquet shards follow row groups; input.limit.
 PLAN_VERSION = 2
@@ -68,11 +68,25 @@ def plan_shards(spec: JobSpec, fragments: list[Fragment], *, notes: list[str] | 
             ranges.extend((frag, a, b) for a, b in _equal_pieces(0, frag.num_rows, per_shard))
     if spec.input.limit is not None:
         ranges = _first_rows(ranges, spec.input.limit)
+    if spec.output.mode == "incremental":
+        # Ids that do not move when files are added: <file key>-<n-th shard of the file>.
+        counts: dict[str, int] = {}
+        shards = []
+        for frag, start, stop in ranges:
+            n = counts.get(frag.rel, 0)
+            counts[frag.rel] = n + 1
+            shards.append(Shard(f"{file_key(frag.rel)}-{n:05d}", frag.for_rows(start), start, stop))
+        return shards
     width = max(5, len(str(len(ranges))))
     return [
         Shard(str(i).zfill(width), frag.for_rows(start), start, stop)
         for i, (frag, start, stop) in enumerate(ranges)
     ]
+
+
+def file_key(rel: str) -> str:
+    """A short stable name for an input file (its path relative to the input root)."""
+    return hashlib.sha256(rel.encode()).hexdigest()[:12]
 
 
 def _equal_pieces(start: int, stop: int, per_shard: int) -> list[tuple[int, int]]:
@@ -131,9 +145,13 @@ def fingerprint(
     fragments: list[Fragment],
     *,
     model_identity: dict[str, Any],
+    with_files: bool = True,
 ) -> tuple[str, dict[str, Any]]:
     """(sha256 hex, the parts it hashes). Anything that changes which rows exist or what is predicted for
-    them is in; knobs that only change speed (batch_size, replicas, num_gpus) are out."""
+    them is in; knobs that only change speed (batch_size, replicas, num_gpus) are out.
+
+    `with_files=False` leaves the input listing out: what is computed, not over which files (incremental
+    jobs keep their files in the manifest and add new ones run by run)."""
     from pipeline import __version__
 
     stage = spec.stage
@@ -158,6 +176,8 @@ def fingerprint(
         "model": model_identity,
     }
 
+    if not with_files:
+        del parts["input"]["files"]  # type: ignore[attr-defined]
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return digest, parts
 

@@ -28,7 +28,11 @@ from pipeline.errors import SourceError, SpecError
 from pipeline.spec import FORMATS, InputSpec
 
 __all__ = [
+    "FileEntry",
     "Fragment",
+    "describe_files",
+    "list_files",
+    "partition_values",
     "input_schema",
     "list_fragments",
     "content_hashes",
@@ -143,8 +147,18 @@ def _hf_files(fs: Any, root: str) -> list[str]:
     return [posixpath.join(root, name) for name in files]
 
 
-def list_fragments(spec: InputSpec) -> list[Fragment]:
-    """Every data file of the input, in a deterministic order, with row counts."""
+@dataclass(frozen=True)
+class FileEntry:
+    """A data file as a listing shows it (nothing read from it yet)."""
+
+    path: str  # as the filesystem names it (no protocol)
+    rel: str  # relative to the input root
+    size: int
+    version: str  # etag or mtime
+
+
+def list_files(spec: InputSpec) -> list[FileEntry]:
+    """Every data file of the input, in a deterministic order, from the listing alone (no file is opened)."""
     fs, root = _fs(spec)
     fmt = spec.resolved_format()
     # fsspec reuses one filesystem per process, and object stores cache listings in it: list anew, so that a
@@ -152,28 +166,52 @@ def list_fragments(spec: InputSpec) -> list[Fragment]:
     fs.invalidate_cache()
     try:
         base, paths = _list_paths(fs, root, fmt)
+        entries = []
+        for path in paths:
+            info = fs.info(path)
+            rel = posixpath.relpath(path, base) if base else path
+            entries.append(FileEntry(path, rel, int(info.get("size") or 0), _version(info)))
     except SourceError:
         raise
     except Exception as e:  # noqa: BLE001 - backend errors (auth, network) reach the user with the URI
         raise SourceError(f"cannot list input.uri {spec.uri!r}: {type(e).__name__}: {e}") from e
-    if not paths:
-        if spec.allow_empty:
-            return []
+    if not entries and not spec.allow_empty:
         raise SourceError(
-            f"input.uri {spec.uri!r} matched no {fmt} files; check the path, the glob or input.format"
+            f"input.uri {spec.uri!r} matched no {fmt} files; check the path, the glob or input.format (or set "
+            "input.allow_empty: true if an empty input is expected)"
         )
+    return entries
+
+
+def describe_files(spec: InputSpec, entries: Sequence[FileEntry]) -> list[Fragment]:
+    """Open each listed file for what the planner needs: row counts (and row groups, JSONL offsets)."""
+    fs, _ = _fs(spec)
+    fmt = spec.resolved_format()
     fragments = []
-    for path in paths:
+    for entry in entries:
         try:
-            info = fs.info(path)
-            fragments.append(
-                _describe(fs, path, posixpath.relpath(path, base) if base else path, info, fmt, spec)
-            )
+            info = {"size": entry.size, "mtime": entry.version}
+            fragments.append(_describe(fs, entry.path, entry.rel, info, fmt, spec))
         except SourceError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise SourceError(f"cannot read {fmt} file {path!r}: {type(e).__name__}: {e}") from e
+            raise SourceError(f"cannot read {fmt} file {entry.path!r}: {type(e).__name__}: {e}") from e
     return fragments
+
+
+def list_fragments(spec: InputSpec) -> list[Fragment]:
+    """Every data file of the input, in a deterministic order, with row counts."""
+    return describe_files(spec, list_files(spec))
+
+
+def partition_values(rel: str) -> dict[str, str]:
+    """Hive-style partition folders in a file's relative path (`date=2026-12-01/part-0.parquet`) → columns."""
+    out = {}
+    for part in rel.split("/")[:-1]:
+        key, sep, value = part.partition("=")
+        if sep and key and not key.startswith(("_", ".")):
+            out[key] = value
+    return out
 
 
 def _compression(path: str) -> str | None:
@@ -237,18 +275,21 @@ def input_schema(spec: InputSpec, fragment: Fragment) -> pa.Schema:
     """Schema of one fragment (for checking that the job's columns exist before any work starts)."""
     fs, _ = _fs(spec)
     fmt = spec.resolved_format()
+    extra = [pa.field(k, pa.string()) for k in partition_values(fragment.rel)]
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         with fs.open(fragment.path, "rb") as f:
-            return pq.ParquetFile(f).schema_arrow
-    if fmt == "hf":
+            schema = pq.ParquetFile(f).schema_arrow
+    elif fmt == "hf":
         import pyarrow.ipc as ipc
 
         with fs.open(fragment.path, "rb") as f:
-            return ipc.open_stream(f).schema
-    table = read_range(spec, fragment, 0, min(fragment.num_rows, 100), columns=None)
-    return pa.schema([f for f in table.schema if not f.name.startswith("__")])
+            schema = ipc.open_stream(f).schema
+    else:
+        table = read_range(spec, fragment, 0, min(fragment.num_rows, 100), columns=None)
+        return pa.schema([f for f in table.schema if not f.name.startswith("__")])
+    return pa.schema(list(schema) + [f for f in extra if f.name not in schema.names])
 
 
 def _slice_batches(batches: Any, start: int, stop: int) -> list[pa.RecordBatch]:
@@ -278,7 +319,9 @@ def read_range(
     """
     fs, _ = _fs(spec)
     fmt = spec.resolved_format()
-    cols = list(dict.fromkeys(columns)) if columns is not None else None
+    partitions = partition_values(fragment.rel)
+    wanted = list(dict.fromkeys(columns)) if columns is not None else None
+    cols = [c for c in wanted if c not in partitions] if wanted is not None else None
     # Ids come from the id column even when the caller did not ask for it (it is dropped again below).
     extra_id = None
     if cols is not None and spec.id_column is not None and spec.id_column not in cols:
@@ -343,6 +386,9 @@ def read_range(
         ids = pa.array([f"{fragment.rel}:{r}" for r in range(start, start + n)], pa.string())
     if extra_id is not None:
         table = table.drop_columns([extra_id])
+    for key, value in partitions.items():
+        if key not in table.column_names and (wanted is None or key in wanted):
+            table = table.append_column(key, pa.array([value] * n, pa.string()))
     table = table.append_column(ID, ids).append_column(ROW, rows)
     return table.append_column(
         READ_ERROR, pa.array(errors if errors is not None else [None] * n, pa.string())

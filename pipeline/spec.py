@@ -37,7 +37,7 @@ __all__ = [
 
 Format = Literal["parquet", "hf", "jsonl", "csv"]
 FORMATS: tuple[str, ...] = get_args(Format)
-Mode = Literal["resume", "overwrite", "error-if-exists"]
+Mode = Literal["resume", "overwrite", "error-if-exists", "incremental"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -363,6 +363,12 @@ def _validate(spec: JobSpec) -> JobSpec:
                 f"{key}.num_gpus", "device is 'cuda' but num_gpus is 0; set num_gpus (e.g. 1 or 0.5)"
             )
     if spec.kind == "finetune":
+        if spec.output.mode == "incremental":
+            raise SpecError(
+                "output.mode",
+                "'incremental' adds predictions for new input files; a fine-tune writes one model. Use resume, "
+                "overwrite or error-if-exists",
+            )
         if spec.train is None:
             raise SpecError("train", "kind is 'finetune' but the 'train' section is missing")
         t = spec.train

@@ -67,7 +67,20 @@ def output_status(
         state = "succeeded"
     info["state"] = state
     info["exit_code"] = EXIT_CODES[state]
+    info["run_log"] = _run_log(out)
     return info
+
+
+def _run_log(out: OutputDir, *, last: int = 20) -> list[dict[str, Any]]:
+    """The last runs' records from `_runs/` (oldest first)."""
+    names = sorted(n for n in out.sizes("_runs") if n.endswith(".json"))[-last:]
+    records = []
+    for name in names:
+        try:
+            records.append(json.loads(out.read_bytes(f"_runs/{name}")))
+        except (FileNotFoundError, ValueError):
+            continue
+    return records
 
 
 def _inference(out: OutputDir, manifest: dict[str, Any], info: dict[str, Any], *, verify: bool) -> None:
