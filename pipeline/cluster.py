@@ -19,7 +19,8 @@ The embedded cluster is private to the user who runs the job:
   SIGTERM: the process ends by the signal). Never for a joined cluster: the driver only disconnects.
   A SIGKILLed driver cannot do this; Ray's own fate sharing stops the GCS and raylet then.
 - **A quiet console.** `quiet_console()` (the CLI, unless `--verbose`) sends what Ray prints in the driver
-  (its Python loggers, its Python warnings, its C++ log lines on file descriptor 2) to a log file under
+  (its Python loggers and warnings, the cluster errors it relays such as "(raylet) A worker died", its C++
+  log lines on file descriptor 2) to a log file under
   `<cache>/logs/`; shardwise's own output (`sys.stderr`: progress bar, errors) stays on the terminal.
 """
 
@@ -288,8 +289,17 @@ def _route_ray_logs() -> None:
     """After ray.init: Ray's console log handlers (in the driver) write to the log file instead."""
     if _log_file is None:
         return
+    import ray._private.worker as ray_worker
     import ray.data  # noqa: F401 - configures the "ray.data" logger (with a console handler) on import
 
+    path = _log_file
+
+    def print_to_log(data: dict[str, Any], ignore_prefix: bool) -> None:
+        # Ray's driver thread that relays cluster errors ("(raylet) A worker died ...") prints with this.
+        with path.open("a", encoding="utf-8") as f:
+            f.writelines(f"({data.get('pid')}) {line}\n" for line in data.get("lines", []))
+
+    ray_worker.print_to_stdstream = print_to_log
     to_file = logging.FileHandler(_log_file, encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ["ray", *sorted(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]:
