@@ -232,15 +232,20 @@ def ray_log_file() -> Path | None:
     return _log_file
 
 
-def quiet_console(*, log_dir: Path | None = None) -> Path:
+def quiet_console(*, log_dir: Path | None = None) -> Path | None:
     """From now on Ray's own console output in this process goes to a log file (returned).
 
     C++ log lines and anything else written to file descriptor 2 go to the file; `sys.stderr` becomes a
     new stream on the original terminal, so Python code (progress bar, CLI errors, tracebacks) is unchanged.
-    Ray's Python loggers and warnings are routed to the file when Ray starts (`init_ray`)."""
+    Ray's Python loggers and warnings are routed to the file when Ray starts (`init_ray`).
+
+    A no-op (None) when Python's stderr is already redirected (e.g. `main()` called under pytest's
+    capture): whoever redirected it owns the console, and a process-wide change would outlive the call."""
     global _log_file
     if _log_file is not None:
         return _log_file
+    if sys.stderr is not sys.__stderr__:
+        return None
     if log_dir is None:
         from models.loading import cache_dir
 
