@@ -17,7 +17,9 @@ The embedded cluster is private to the user who runs the job:
   `ray.shutdown()` and then ends whatever is left of the processes Ray started (agents outlived a killed
   driver by more than 20 s), then re-delivers the signal's previous behaviour (SIGINT: KeyboardInterrupt;
   SIGTERM: the process ends by the signal). Never for a joined cluster: the driver only disconnects.
-  A SIGKILLed driver cannot do this; Ray's own fate sharing stops the GCS and raylet then.
+  A SIGKILLed driver cannot do this: then a small watchdog process (pipeline/_watchdog.py), which sees
+  the driver's end as the end of a pipe, ends them (Ray's own fate sharing stops only the GCS and the
+  raylet; its agents outlived the driver by more than 20 s).
 - **A quiet console.** `quiet_console()` (the CLI, unless `--verbose`) sends what Ray prints in the driver
   (its Python loggers and warnings, the cluster errors it relays such as "(raylet) A worker died", its C++
   log lines on file descriptor 2) to a log file under
@@ -62,6 +64,8 @@ class _Embedded:
     before: set[int]
     gcs_address: str | None = None
     procs: list[Any] = field(default_factory=list)
+    # Write end of the pipe to pipeline/_watchdog.py, which ends Ray's processes if this driver dies.
+    watchdog: Any = None
 
 
 _embedded: _Embedded | None = None
@@ -106,6 +110,7 @@ def init_ray(*, address: str | None, num_cpus: int | None = None, num_gpus: int 
         )
     state.gcs_address = _gcs_address()
     state.procs = _started_by_ray(state)
+    state.watchdog = _start_watchdog(state.procs)
     # After ray.init: it installs its own SIGTERM handler (sys.exit) and its C++ core one that aborts.
     _install_signal_handlers(previous)
     _route_ray_logs()
@@ -133,6 +138,41 @@ def shutdown_embedded() -> None:
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
+    if state.watchdog is not None:
+        with contextlib.suppress(OSError):
+            state.watchdog.write("done\n")
+            state.watchdog.close()
+
+
+def _start_watchdog(procs: list[Any]) -> Any:
+    """A small process that outlives a SIGKILLed driver and then ends Ray's processes (see _watchdog.py).
+    It holds the read end of a pipe whose only writer is this process, so this process's death, however it
+    comes, is the end of its input."""
+    import subprocess
+
+    psutil = _psutil()
+    read_end, write_end = os.pipe()  # not inherited by other children (PEP 446)
+    try:
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("_watchdog.py")),
+                str(Path(psutil.__file__).parents[1]),
+            ],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C to the terminal's process group must not end it first
+        )
+    except OSError:
+        os.close(write_end)
+        return None
+    finally:
+        os.close(read_end)
+    pipe = os.fdopen(write_end, "w", buffering=1)
+    for p in procs:
+        pipe.write(f"track {p.pid}\n")
+    return pipe
 
 
 def _psutil() -> Any:

@@ -64,11 +64,9 @@ def _is_loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
-@pytest.fixture(scope="module")
-def running_job(tiny_model, tmp_path_factory) -> Iterator[tuple[subprocess.Popen, Any, Path]]:
+def _start_job(tiny_model: Path, tmp: Path) -> tuple[subprocess.Popen, Any]:
     """A CLI job on the embedded cluster, caught mid-run (a replica actor is up, most rows still to do)."""
     psutil = _psutil()
-    tmp = tmp_path_factory.mktemp("running-job")
     write_texts_parquet(tmp / "in.parquet", make_texts(20_000, seed=7))
     spec = tmp / "job.yaml"
     spec.write_text(
@@ -93,13 +91,26 @@ def running_job(tiny_model, tmp_path_factory) -> Iterator[tuple[subprocess.Popen
     if proc.poll() is not None:
         pytest.fail(f"the job ended before it could be inspected: {proc.communicate()[1][-2000:]!r}")
     time.sleep(2)  # let the replica's worker open its server
-    yield proc, root, tmp
-    for p in reversed(_tree(root)):
+    return proc, root
+
+
+def _stop(proc: subprocess.Popen, procs: list[Any]) -> None:
+    psutil = _psutil()
+    for p in reversed(procs):
         try:
             p.kill()
         except psutil.Error:
             pass
     proc.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def running_job(tiny_model, tmp_path_factory) -> Iterator[tuple[subprocess.Popen, Any, Path]]:
+    tmp = tmp_path_factory.mktemp("running-job")
+    proc, root = _start_job(tiny_model, tmp)
+    procs = _tree(root)
+    yield proc, root, tmp
+    _stop(proc, procs + _tree(root))
 
 
 def _names(procs: list[Any]) -> list[tuple[str]]:
@@ -143,6 +154,23 @@ def test_sigterm_mid_job_leaves_no_ray_process(running_job):
     _, alive = psutil.wait_procs(procs, timeout=20)
     alive = [(p.pid, n) for p, (n,) in zip(alive, _names(alive), strict=False)]
     assert alive == [], f"still running 20 s after SIGTERM: {alive}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigkilled_driver_leaves_no_ray_process(tiny_model, tmp_path):
+    """A driver cannot clean up after SIGKILL (or the OOM killer): the watchdog it started does."""
+    psutil = _psutil()
+    proc, root = _start_job(tiny_model, tmp_path)
+    procs = _tree(root)[1:]
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        _, alive = psutil.wait_procs(procs, timeout=20)
+        alive = [(p.pid, n) for p, (n,) in zip(alive, _names(alive), strict=False)]
+        assert alive == [], f"still running 20 s after SIGKILL: {alive}"
+    finally:
+        _stop(proc, procs)
 
 
 # Ray's own console lines seen on every run before: the token notice, the actor-constructor warning with
