@@ -19,7 +19,6 @@ from tests.helpers import job_dict, make_texts
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="manifest redaction is wired by the lead")
 def test_storage_secret_is_in_no_output_object_and_no_log(
     ray_session, tiny_model, s3_server, s3_bucket, capfd, caplog
 ):
