@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--limit", type=int, default=None, metavar="N", help="only the first N rows (a trial run)"
     )
+    run.add_argument(
+        "--verbose", action="store_true", help="show Ray's own logs (default: a file in <cache>/logs)"
+    )
 
     status = sub.add_parser("status", help="state of a job's output directory")
     status.add_argument("output", help="the job's output.uri")
@@ -154,6 +157,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         overrides.append(f"input.limit={args.limit}")
     spec = load_spec(args.spec, overrides)
+    if not args.verbose:
+        from pipeline.cluster import quiet_console
+
+        quiet_console()
     if spec.kind == "finetune":
         from jobs.finetune import run_finetune
 

@@ -111,6 +111,7 @@ from pipeline.errors import JobFailed, ModelError, OutputError, ShardwiseError, 
 from pipeline.execute import _redact, init_ray, new_run_id
 from pipeline.lease import Lease
 from pipeline.locations import check_output_location
+from pipeline.redact import fingerprint_view, redact, scrub, secret_values
 from pipeline.sources import input_schema, list_fragments, read_table
 from pipeline.spec import FinetuneSpec, InputSpec, JobSpec, spec_to_dict
 
@@ -587,14 +588,15 @@ def _fingerprint(spec: JobSpec, data: _Data, model_id: Any) -> str:
     assert spec.train is not None
     train = {
         k: v
-        for k, v in spec_to_dict(spec.train).items()
+        for k, v in fingerprint_view(spec_to_dict(spec.train)).items()
         if k not in ("num_workers", "use_gpu", "checkpoint_uri")
     }
     parts = {
         "task": spec.stage.task,
         "inputs": spec.stage.inputs,
         "model": model_id,
-        "input": spec_to_dict(spec.input),
+        # Non-secret storage options as a digest: a rotated key resumes the same run, no secret is hashed.
+        "input": fingerprint_view(spec_to_dict(spec.input)),
         "data": data.listing,
         "labels": data.label_names,
         "train": train,
@@ -776,8 +778,9 @@ def _finetune_locked(
         write_manifest("failed", reason=f"{type(cause).__name__}: {cause}")
         if isinstance(cause, ShardwiseError):
             raise cause from e
+        message = scrub(str(cause), secret_values(spec_to_dict(spec)))
         raise JobFailed(
-            f"fine-tuning failed: {type(cause).__name__}: {str(cause).rstrip('.')}. Fix the cause and rerun "
+            f"fine-tuning failed: {type(cause).__name__}: {message.rstrip('.')}. Fix the cause and rerun "
             f"the same job: it resumes from the last finished epoch, if any (checkpoints: {ckpt_uri!r})"
         ) from e
     finally:
@@ -806,6 +809,7 @@ def _finetune_locked(
         "epochs": history,
         "wall_s": wall,
     }
+    metrics = redact(metrics)  # train.options may hold storage options or tokens
     published: list[str] = []
 
     def listed(files: list[str]) -> None:

@@ -10,17 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelError
 
-__all__ = ["cache_dir", "model_identity", "resolve_model"]
+__all__ = ["cache_dir", "check_model", "model_identity", "resolve_model"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Files hashed into the job fingerprint: weights and everything that changes outputs (config, vocab).
 _IDENTITY_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".bin")
+# Written last into a fetched model folder (before it is renamed into place).
+_COMPLETE = ".complete"
 
 
 def cache_dir() -> Path:
@@ -54,7 +59,91 @@ def resolve_model(
     )
 
 
+def check_model(
+    uri: str, *, revision: str | None = None, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Fail fast, before Ray starts, when `uri` cannot be a loadable model. Never touches the network for
+    a hub id (an offline machine would wait on DNS): only the local Hugging Face cache is consulted.
+
+    - a local folder: must hold config.json and *.safetensors weights (pickle weights are refused);
+    - a remote URI: must list, and hold config.json and *.safetensors at its top level;
+    - a hub id (owner/name) that is not a local path: must be in the local Hugging Face cache.
+    """
+    if _is_remote(uri):
+        import fsspec
+
+        options = storage_options or {}
+        try:
+            fs, root = fsspec.core.url_to_fs(uri, **options)
+            names = {posixpath.relpath(p, root.rstrip("/")) for p in fs.find(root)}
+        except Exception as e:  # noqa: BLE001 - any backend error means the same to the user
+            raise ModelError(f"cannot list model {uri!r}: {_scrubbed(e, options)}") from e
+        if not names:
+            raise ModelError(f"model {uri!r} is empty or does not exist; point `model` at a model folder")
+        _check_files(uri, names)
+        return
+    path = _local_path(uri)
+    if path.is_dir():
+        _check_files(uri, {str(p.relative_to(path)) for p in path.iterdir()})
+        return
+    where = f"{uri!r} (resolved to {path.resolve()})"
+    if path.exists():
+        raise ModelError(f"model {where} is a file; point `model` at the folder that holds config.json")
+    if _HUB_ID.match(uri) and not uri.startswith((".", "/", "~")):
+        if _in_hub_cache(uri, revision):
+            return
+        raise ModelError(
+            f"model {where} is not a local folder, and the hub id {uri!r}"
+            + (f" (revision {revision!r})" if revision else "")
+            + " is not in the local Hugging Face cache; shardwise does not download from the hub (the hub "
+            "cannot be reached from here, or has no such model). A typo? Point `model` at a local folder "
+            "with config.json and *.safetensors, or download the model first (huggingface-cli download "
+            f"{uri}) on a machine with access"
+        )
+    raise ModelError(
+        f"model {where} does not exist, and it is not a known hub id either; point `model` at a folder "
+        "with config.json and *.safetensors (e.g. the output of a shardwise fine-tune)"
+    )
+
+
+def _check_files(uri: str, names: set[str]) -> None:
+    """Top-level file names of a model folder: a config and safetensors weights."""
+    if "config.json" not in names:
+        raise ModelError(
+            f"model {uri!r} has no config.json; point `model` at the folder that holds config.json and the "
+            "*.safetensors weights (not a parent or a sub-folder)"
+        )
+    if not any(n.endswith(".safetensors") and "/" not in n for n in names):
+        pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+        raise ModelError(
+            f"model {uri!r} has no *.safetensors weights"
+            + (f" (only pickle weights: {pickles[:3]})" if pickles else "")
+            + "; shardwise loads safetensors only, because loading pickle can run arbitrary code. Convert "
+            "it once where you trust it: AutoModel.from_pretrained(path).save_pretrained(path, "
+            "safe_serialization=True)"
+        )
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an id the hub library rejects is simply not cached
+        return False
+    return isinstance(found, str)
+
+
 def _fetch_remote(uri: str, storage_options: dict[str, Any]) -> str:
+    """Copy a remote model folder into the node's cache, once, and return the local folder.
+
+    Confined: every object's key must be a plain relative path under the model's root (no `..`, no empty
+    or absolute part), and its target resolves inside the cache folder, or nothing is fetched. Atomic: the
+    objects are downloaded into a temp folder beside the destination, which is renamed into place once
+    complete, so a killed download is never used; the per-model FileLock serialises concurrent fetchers.
+    """
     import fsspec
     from filelock import FileLock
 
@@ -62,9 +151,10 @@ def _fetch_remote(uri: str, storage_options: dict[str, Any]) -> str:
     try:
         listing = sorted(fs.find(root, detail=True).items())
     except Exception as e:  # noqa: BLE001 - any backend error means the same to the user
-        raise ModelError(f"cannot list model {uri!r}: {e}") from e
+        raise ModelError(f"cannot list model {uri!r}: {_scrubbed(e, storage_options)}") from e
     if not listing:
         raise ModelError(f"model {uri!r} is empty or does not exist")
+    files = [(path, _relative_key(path, root, uri)) for path, _ in listing]
     key = hashlib.sha256(
         json.dumps(
             [
@@ -73,17 +163,67 @@ def _fetch_remote(uri: str, storage_options: dict[str, Any]) -> str:
             ]
         ).encode()
     ).hexdigest()[:16]
-    dest = cache_dir() / "models" / key
+    models = cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    dest = models / key
     with FileLock(str(dest) + ".lock"):
-        if not (dest / ".complete").exists():
-            dest.mkdir(parents=True, exist_ok=True)
-            for path, _ in listing:
-                rel = os.path.relpath(path, root.rstrip("/"))
-                target = dest / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(path, str(target))
-            (dest / ".complete").touch()
+        if dest.is_symlink() or not (dest / _COMPLETE).is_file():
+            for stale in models.glob(f".{key}.*"):  # killed downloads of this model; we hold its lock
+                shutil.rmtree(stale, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=models))
+            try:
+                for path, rel in files:
+                    target = _inside(staging, rel, key=path, uri=uri)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    _inside(staging, rel, key=path, uri=uri)  # again, now that its folders exist
+                    fs.get_file(path, str(target))
+                links = [str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_symlink()]
+                if links:
+                    raise ModelError(
+                        f"model {uri!r}: fetching {links[0]!r} made a symbolic link; refusing the model "
+                        "(a link can point outside the cache)"
+                    )
+                (staging / _COMPLETE).touch()
+                if dest.is_symlink() or dest.is_file():
+                    dest.unlink()
+                elif dest.exists():
+                    shutil.rmtree(dest)  # an incomplete folder left by an older shardwise
+                os.replace(staging, dest)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
     return str(dest)
+
+
+def _relative_key(path: str, root: str, uri: str) -> str:
+    """`path`'s key relative to the model root, refused unless it is a plain relative path."""
+    root = root.rstrip("/")
+    rel = path[len(root) + 1 :] if path.startswith(root + "/") else None
+    parts = rel.split("/") if rel else []
+    if not parts or any(part in ("", ".", "..") for part in parts) or "\x00" in rel:
+        raise ModelError(
+            f"model {uri!r}: object {path!r} has a key that is not a plain path inside the model folder "
+            "(it is absolute, or holds '..', '.' or an empty part) and would be written outside the cache; "
+            "refusing to fetch the model. Remove or rename that object in the model's bucket"
+        )
+    return rel
+
+
+def _inside(folder: Path, rel: str, *, key: str, uri: str) -> Path:
+    """folder/rel, refused if it resolves (following any symbolic link) outside `folder`."""
+    target = (folder / rel).resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise ModelError(
+            f"model {uri!r}: object {key!r} would be written to {target}, outside the cache folder "
+            f"{folder.resolve()}; refusing to fetch the model"
+        )
+    return target
+
+
+def _scrubbed(error: BaseException, storage_options: dict[str, Any]) -> str:
+    from pipeline.redact import scrub, secret_values
+
+    return scrub(str(error), secret_values(storage_options))
 
 
 def _sha256_file(path: Path) -> str:

@@ -7,6 +7,7 @@ Adding a task touches no engine file: write `models/<task>.py`, decorate its cla
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import typing
 from collections.abc import Callable, Mapping
@@ -133,7 +134,9 @@ def get_task(name: str) -> Task:
     try:
         return _TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown task {name!r}; available: {sorted(_TASKS)}") from None
+        close = difflib.get_close_matches(str(name), list(_TASKS), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KeyError(f"unknown task {name!r}{hint}; available: {sorted(_TASKS)}") from None
 
 
 def available_tasks() -> dict[str, Task]:

@@ -42,6 +42,7 @@ from pipeline.block import (
     SHARD,
     set_errors,
 )
+from pipeline.cluster import init_ray
 from pipeline.commit import OUTPUT_FORMAT, Ledger, OutputDir, ShardRecord, error_schema
 from pipeline.errors import (
     ErrorRateExceeded,
@@ -118,28 +119,6 @@ def embedded_cpus(spec: JobSpec) -> int:
 
 def replica_cpus(stage: StageSpec) -> float:
     return stage.num_cpus if stage.num_cpus is not None else 1.0
-
-
-def init_ray(*, address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Join `address` (a running cluster; "auto" finds it) or start the embedded local cluster once."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    if address:
-        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        # address="local" always starts a new cluster; plain init() would join a stale one from a file.
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=False,
-            runtime_env=env,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
 
 
 # -------------------------------------------------------------------------------------------------------
