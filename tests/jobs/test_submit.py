@@ -1,0 +1,206 @@
+"""`shardwise submit` and `shardwise jobs ...` against a real 2-node Ray cluster on 127.0.0.1 (head with
+the job server, plus a worker node), token authentication on. The job drivers run on the cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.cli import main
+from pipeline.commit import read_output
+from tests.helpers import job_dict, make_text_classifier, make_texts, write_texts_parquet
+from tests.jobs.ray_nodes import LocalRayCluster
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalRayCluster(pythonpath=str(ROOT), head_cpus=4, worker_cpus=2)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def cli(cluster, monkeypatch, capsys):
+    """`shardwise ...` in this process against the test cluster; returns (exit code, stdout, stderr)."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main([*args, "--address", cluster.address])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_text_classifier(tmp_path_factory.mktemp("submit-bert"), num_labels=3)
+
+
+def _spec(tmp_path: Path, model: Path, *, rows: int, shard_rows: int, words: int = 60, name: str) -> Path:
+    write_texts_parquet(tmp_path / "in.parquet", make_texts(rows, seed=rows, max_words=words))
+    spec = job_dict(input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"), model=str(model))
+    spec["name"] = name
+    spec["input"]["shard_rows"] = shard_rows
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _job_ids(cli) -> list[str]:
+    code, out, _ = cli("jobs", "list", "--json")
+    assert code == 0
+    return [j["submission_id"] for j in json.loads(out)]
+
+
+def _exactly_once(out_dir: Path, rows: int) -> None:
+    ids = read_output(str(out_dir)).column("id").to_pylist()
+    assert sorted(ids) == list(range(rows))  # every input id, exactly once
+
+
+@pytest.mark.timeout(240)
+def test_bad_specs_and_unseen_paths_never_reach_the_cluster(cluster, cli, model, tmp_path, monkeypatch):
+    before = _job_ids(cli)
+    good = _spec(tmp_path, model, rows=20, shard_rows=10, name="refused")
+    data = yaml.safe_load(good.read_text())
+
+    data["stages"][0]["batch_sise"] = 8
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(data))
+    code, _, err = cli("submit", str(tmp_path / "typo.yaml"), "--local-paths-ok")
+    assert code == 2 and "stages[0].batch_sise" in err and "batch_size" in err
+
+    # The driver's cwd on the cluster is not ours: relative paths are refused even with --local-paths-ok.
+    code, _, err = cli("submit", str(good), "--local-paths-ok", "--set", "output.uri=out/rel")
+    assert code == 2 and "output.uri" in err and "relative" in err
+
+    # An absolute path on this machine needs the explicit flag.
+    code, _, err = cli("submit", str(good))
+    assert code == 2 and "input.uri" in err and "--local-paths-ok" in err
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    code, _, err = cli("submit", str(good), "--local-paths-ok")
+    assert code == 2 and "token" in err
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    code, _, err = cli("submit", str(good), "--local-paths-ok")
+    assert code == 2 and "token" in err
+    monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
+
+    assert _job_ids(cli) == before  # nothing was submitted
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(240)
+def test_submit_runs_the_driver_on_the_cluster_and_follows_its_logs(cluster, cli, model, tmp_path):
+    spec = _spec(tmp_path, model, rows=200, shard_rows=50, name="tiny submit")
+    started = time.monotonic()
+    code, out, _ = cli("submit", str(spec), "--local-paths-ok")
+    assert code == 0
+    job_id = out.strip()
+    assert job_id.startswith("shardwise-tiny-submit-")
+    assert time.monotonic() - started < 30  # returns once submitted, not when the job is done
+
+    code, logs, err = cli("jobs", "logs", job_id, "--follow")
+    assert code == 0, logs[-3000:] + err
+    assert "succeeded: 200 rows ok, 0 errors" in logs  # the driver's own summary line, from the cluster
+    _exactly_once(tmp_path / "out", 200)
+
+    code, out, _ = cli("jobs", "status", job_id, "--json")
+    info = json.loads(out)
+    assert info["status"] == "SUCCEEDED" and info["name"] == "tiny submit"
+    assert info["output"] == str(tmp_path / "out")
+
+
+@pytest.mark.timeout(420)
+def test_a_stopped_job_resumes_on_resubmit_without_recomputing_committed_shards(cluster, cli, model, tmp_path):
+    rows, shard_rows = 1500, 25
+    spec = _spec(tmp_path, model, rows=rows, shard_rows=shard_rows, name="big submit")
+    out_dir = tmp_path / "out"
+    code, out, _ = cli("submit", str(spec), "--local-paths-ok")
+    assert code == 0
+    first = out.strip()
+
+    deadline = time.monotonic() + 180
+    while len(list((out_dir / "_shards").glob("*.json"))) < 3:
+        assert time.monotonic() < deadline, "no shard was committed in time"
+        time.sleep(0.2)
+    code, out, _ = cli("jobs", "stop", first)
+    assert code == 0 and "STOPPED" in out and "resume" in out
+    code, out, _ = cli("jobs", "status", first)
+    assert "STOPPED" in out
+
+    time.sleep(2)  # a commit already in flight when the driver was killed may still land
+    records = {p.name: p for p in (out_dir / "_shards").glob("*.json")}
+    assert 0 < len(records) < rows // shard_rows, "stopped mid-run"
+    before = {
+        name: (json.loads(p.read_text())["run_id"], p.stat().st_mtime_ns) for name, p in records.items()
+    }
+    parts_before = {p.name: p.stat().st_mtime_ns for p in out_dir.glob("part-*.parquet")}
+
+    code, out, _ = cli("submit", str(spec), "--local-paths-ok")
+    assert code == 0
+    second = out.strip()
+    code, logs, err = cli("jobs", "logs", second, "--follow")
+    assert code == 0, logs[-3000:] + err
+    assert f"{len(before)} already committed" in logs
+
+    _exactly_once(out_dir, rows)
+    after = {p.name: json.loads(p.read_text())["run_id"] for p in (out_dir / "_shards").glob("*.json")}
+    assert len(after) == rows // shard_rows
+    for name, (run_id, mtime) in before.items():  # committed before the stop: untouched
+        assert after[name] == run_id and (out_dir / "_shards" / name).stat().st_mtime_ns == mtime
+    for name, mtime in parts_before.items():
+        if f"{name.removeprefix('part-').removesuffix('.parquet')}.json" in before:
+            assert (out_dir / name).stat().st_mtime_ns == mtime
+    assert len({run for name, run in after.items() if name not in before}) == 1  # the rest: the new run
+    assert pq.read_metadata(next(out_dir.glob("part-*.parquet"))).num_rows == shard_rows
+
+    code, out, _ = cli("jobs", "list")
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "STOPPED" in lines[first] and "SUCCEEDED" in lines[second] and "big submit" in lines[first]
+
+
+def test_local_path_rules_without_a_cluster(tmp_path, monkeypatch):
+    """The rules alone (no Ray): URIs and hub ids pass, memory:// and relative paths never do."""
+    from jobs.submit import check_paths
+    from pipeline.errors import SpecError
+    from pipeline.spec import parse_spec
+
+    def spec(**over):
+        data = job_dict(input_uri="s3://b/in.parquet", output_uri="s3://b/out", model="org/tiny-bert")
+        for key, value in over.items():
+            section, _, field = key.partition("__")
+            (data["stages"][0] if section == "stage" else data[section])[field] = value
+        return parse_spec(data)
+
+    check_paths(spec())  # URIs and a hub id: fine
+    monkeypatch.chdir(tmp_path)
+    for over, key in (
+        ({"input__uri": "memory://x/in.parquet"}, "input.uri"),
+        ({"output__uri": "out"}, "output.uri"),
+        ({"output__uri": "~/out"}, "output.uri"),
+        ({"stage__model": "./models/bert"}, "stages[0].model"),
+        ({"input__uri": "file:///data/in.parquet"}, "input.uri"),
+    ):
+        with pytest.raises(SpecError) as e:
+            check_paths(spec(**over), local_paths_ok=over.get("input__uri", "").startswith("memory"))
+        assert e.value.key == key
+    check_paths(spec(input__uri="file:///data/in.parquet"), local_paths_ok=True)
+    (tmp_path / "bert").mkdir()  # a folder that exists here is a local path, not a hub id
+    with pytest.raises(SpecError, match="relative"):
+        check_paths(spec(stage__model="bert"), local_paths_ok=True)
