@@ -191,10 +191,12 @@ class Scheduler:
         )
         return self.summaries
 
-    def _one_run(self, why: str) -> RunSummary:
+    def _one_run(self, why: str) -> RunSummary | None:
         number = len(self.summaries) + 1
-        self._log(f"run {number} ({why}): started")
         with self._running:
+            if self._stopped.is_set():  # stop() came just before the run: do not start it
+                return None
+            self._log(f"run {number} ({why}): started")
             try:
                 summary = self._run_once()
             except Exception as e:  # noqa: BLE001 - a failed run is logged; the schedule goes on
@@ -269,7 +271,6 @@ class SubprocessRun:
     def __call__(self) -> RunSummary:
         from pipeline.spec import load_spec
 
-        self._interrupted = False
         started = time.time()
         try:
             load_spec(self.spec_path, self.overrides)  # a broken edit fails this run, not the schedule
@@ -279,6 +280,8 @@ class SubprocessRun:
         sink = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
         try:
             self._proc = subprocess.Popen(self.command(), stdout=sink, stderr=subprocess.STDOUT)
+            if self._interrupted:  # interrupt() came while the child was being started
+                self._proc.send_signal(signal.SIGINT)
             code = self._proc.wait()
         finally:
             if self.log_file:
@@ -293,10 +296,10 @@ class SubprocessRun:
         return RunSummary(state, code, rows_ok, rows_error, wall, reason)
 
     def interrupt(self) -> None:
+        self._interrupted = True  # one instance serves one schedule: after an interrupt it stops
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        self._interrupted = True
         proc.send_signal(signal.SIGINT)
 
         def kill_later() -> None:
@@ -335,7 +338,6 @@ class SubmitRun:
     def __call__(self) -> RunSummary:
         from jobs.submit import connect, job_info, submit
 
-        self._stop.clear()
         started = time.time()
         try:
             job_id = submit(

@@ -4,7 +4,7 @@ the job server, plus a worker node), token authentication on. The job drivers ru
 from __future__ import annotations
 
 import json
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -55,7 +55,9 @@ def model(tmp_path_factory) -> Path:
 
 def _spec(tmp_path: Path, model: Path, *, rows: int, shard_rows: int, words: int = 60, name: str) -> Path:
     write_texts_parquet(tmp_path / "in.parquet", make_texts(rows, seed=rows, max_words=words))
-    spec = job_dict(input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"), model=str(model))
+    spec = job_dict(
+        input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"), model=str(model)
+    )
     spec["name"] = name
     spec["input"]["shard_rows"] = shard_rows
     path = tmp_path / "job.yaml"
@@ -127,20 +129,25 @@ def test_submit_runs_the_driver_on_the_cluster_and_follows_its_logs(cluster, cli
 
 
 @pytest.mark.timeout(420)
-def test_a_stopped_job_resumes_on_resubmit_without_recomputing_committed_shards(cluster, cli, model, tmp_path):
+def test_a_stopped_job_resumes_on_resubmit_without_recomputing_committed_shards(
+    cluster, cli, model, tmp_path
+):
     rows, shard_rows = 1500, 25
     spec = _spec(tmp_path, model, rows=rows, shard_rows=shard_rows, name="big submit")
     out_dir = tmp_path / "out"
     code, out, _ = cli("submit", str(spec), "--local-paths-ok")
     assert code == 0
     first = out.strip()
+    t0 = time.monotonic()
 
     deadline = time.monotonic() + 180
     while len(list((out_dir / "_shards").glob("*.json"))) < 3:
         assert time.monotonic() < deadline, "no shard was committed in time"
         time.sleep(0.2)
+    t1 = time.monotonic()
     code, out, _ = cli("jobs", "stop", first)
     assert code == 0 and "STOPPED" in out and "resume" in out
+    t2 = time.monotonic()
     code, out, _ = cli("jobs", "status", first)
     assert "STOPPED" in out
 
@@ -158,6 +165,10 @@ def test_a_stopped_job_resumes_on_resubmit_without_recomputing_committed_shards(
     code, logs, err = cli("jobs", "logs", second, "--follow")
     assert code == 0, logs[-3000:] + err
     assert f"{len(before)} already committed" in logs
+    print(
+        f"TIMING first commits {t1 - t0:.1f} stop {t2 - t1:.1f} resume {time.monotonic() - t2:.1f} at-stop {len(before)}",
+        file=sys.stderr,
+    )
 
     _exactly_once(out_dir, rows)
     after = {p.name: json.loads(p.read_text())["run_id"] for p in (out_dir / "_shards").glob("*.json")}
