@@ -187,3 +187,18 @@ class LocalRayCluster:
             ):
                 time.sleep(0.2)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_cluster(*, pythonpath: str, attempts: int = 2, **kwargs: int) -> LocalRayCluster:
+    """A started cluster. On a loaded machine a raylet can miss Ray's fixed 30 s registration window
+    ("The current node timed out during startup"); a fresh try with new ports usually makes it."""
+    for attempt in range(attempts):
+        cluster = LocalRayCluster(pythonpath=pythonpath, **kwargs)
+        try:
+            cluster.start()
+            return cluster
+        except (RuntimeError, TimeoutError):
+            cluster.stop()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")

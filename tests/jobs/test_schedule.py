@@ -167,6 +167,34 @@ def test_stop_wakes_a_sleeping_scheduler_at_once():
     assert "SIGTERM received: no run is going" in lines and s.summaries == []
 
 
+@pytest.mark.timeout(60)
+def test_cli_sigterm_while_waiting_for_a_tick_exits_0(tmp_path):
+    spec = job_dict(input_uri="s3://b/in.parquet", output_uri="s3://b/out", model="org/model")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    log = tmp_path / "s.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs", "schedule", "job.yaml", "--cron", "0 0 1 1 *", "--log-file", str(log)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 40
+        while "next tick" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    text = log.read_text()
+    assert "schedule '0 0 1 1 *': next tick " in text and "-01-01T00:00:00" in text
+    assert "SIGTERM received: no run is going" in text and "schedule stopped: 0 run(s)" in text
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cli_runs_at_start_logs_the_summary_and_exits_0_on_sigterm(tmp_path):
