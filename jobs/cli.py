@@ -327,8 +327,10 @@ def _submit(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         local_paths_ok=args.local_paths_ok,
         token_file=args.auth_token_file,
+        warn=lambda message: print(f"shardwise: warning: {message}", file=sys.stderr),
     )
     print(submission_id)
+    print(f"follow it: shardwise jobs logs {submission_id} --follow", file=sys.stderr)
     return 0
 
 

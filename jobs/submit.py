@@ -238,6 +238,19 @@ def connect(address: str | None = None, *, token_file: str | None = None) -> _Cl
 # Submit
 
 
+_SECRET_WORDS = ("secret", "password", "token", "key", "credential")
+
+
+def secret_keys(spec: JobSpec) -> list[str]:
+    """Spec keys under storage_options that look like credentials (they travel inside the job)."""
+    found = []
+    for section, options in (("input", spec.input.storage_options), ("output", spec.output.storage_options)):
+        found += [
+            f"{section}.storage_options.{k}" for k in options if any(w in k.lower() for w in _SECRET_WORDS)
+        ]
+    return found
+
+
 def _resolved_data(spec_path: str | Path, overrides: Sequence[str]) -> dict[str, Any]:
     data = yaml.safe_load(Path(spec_path).read_text())
     return apply_overrides(copy.deepcopy(data), overrides)
@@ -264,10 +277,16 @@ def submit(
     overwrite: bool = False,
     local_paths_ok: bool = False,
     token_file: str | None = None,
+    warn: Callable[[str], Any] | None = None,
 ) -> str:
     """Validate `spec_path`, check its paths, submit it; returns the submission id at once."""
     spec = load_spec(spec_path, overrides)  # SpecError names the key: nothing is sent
     check_paths(spec, local_paths_ok=local_paths_ok)
+    if warn is not None and (keys := secret_keys(spec)):
+        warn(
+            f"{', '.join(keys)} travel inside the job (Ray keeps its package); prefer credentials from "
+            "the cluster's environment (instance roles, AWS_* variables on the nodes)"
+        )
     data = _resolved_data(spec_path, overrides)
     if parse_spec(data) != spec:  # the shipped YAML must be the job that was validated
         raise SpecError("", f"{spec_path}: the resolved spec does not round-trip; this is a shardwise bug")

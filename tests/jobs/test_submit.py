@@ -4,11 +4,10 @@ the job server, plus a worker node), token authentication on. The job drivers ru
 from __future__ import annotations
 
 import json
-import sys
+import re
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -100,7 +99,16 @@ def test_bad_specs_and_unseen_paths_never_reach_the_cluster(cluster, cli, model,
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
     code, _, err = cli("submit", str(good), "--local-paths-ok")
     assert code == 2 and "token" in err
+    (tmp_path / "token").write_text(cluster.token + "\n")
+    code, out, err = cli("jobs", "list", "--auth-token-file", str(tmp_path / "token"))
+    assert code == 0, err
     monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
+
+    # `schedule --submit` refuses the same way at each tick, and the schedule goes on.
+    from jobs.schedule import SubmitRun
+
+    summary = SubmitRun(str(tmp_path / "typo.yaml"), address=cluster.address, local_paths_ok=True)()
+    assert (summary.state, summary.exit_code) == ("refused", 2) and "batch_sise" in summary.reason
 
     assert _job_ids(cli) == before  # nothing was submitted
     assert not (tmp_path / "out").exists()
@@ -125,6 +133,16 @@ def test_submit_runs_the_driver_on_the_cluster_and_follows_its_logs(cluster, cli
     info = json.loads(out)
     assert info["status"] == "SUCCEEDED" and info["name"] == "tiny submit"
     assert info["output"] == str(tmp_path / "out")
+    code, logs, _ = cli("jobs", "logs", job_id)
+    assert code == 0 and "succeeded: 100 rows ok" in logs
+
+    # What `schedule --submit` does at a tick: submit, wait for the end, summarise from the manifest.
+    from jobs.schedule import SubmitRun
+
+    summary = SubmitRun(str(spec), address=cluster.address, local_paths_ok=True, poll_s=0.5)()
+    assert (summary.state, summary.exit_code, summary.rows_ok, summary.rows_error) == ("succeeded", 0, 100, 0)
+    assert summary.job_id in _job_ids(cli) and summary.job_id != job_id
+    _exactly_once(tmp_path / "out", 100)  # the rerun found every shard committed
 
 
 @pytest.mark.timeout(420)
@@ -137,16 +155,13 @@ def test_a_stopped_job_resumes_on_resubmit_without_recomputing_committed_shards(
     code, out, _ = cli("submit", str(spec), "--local-paths-ok")
     assert code == 0
     first = out.strip()
-    t0 = time.monotonic()
 
     deadline = time.monotonic() + 180
     while len(list((out_dir / "_shards").glob("*.json"))) < 2:
         assert time.monotonic() < deadline, "no shard was committed in time"
         time.sleep(0.2)
-    t1 = time.monotonic()
     code, out, _ = cli("jobs", "stop", first)
     assert code == 0 and "STOPPED" in out and "resume" in out
-    t2 = time.monotonic()
     code, out, _ = cli("jobs", "status", first)
     assert "STOPPED" in out
 
@@ -163,11 +178,8 @@ def test_a_stopped_job_resumes_on_resubmit_without_recomputing_committed_shards(
     second = out.strip()
     code, logs, err = cli("jobs", "logs", second, "--follow")
     assert code == 0, logs[-3000:] + err
-    assert f"{len(before)} already committed" in logs
-    print(
-        f"TIMING first commits {t1 - t0:.1f} stop {t2 - t1:.1f} resume {time.monotonic() - t2:.1f} at-stop {len(before)}",
-        file=sys.stderr,
-    )
+    skipped = re.search(r"\((\d+) already committed\)", logs)
+    assert skipped and int(skipped.group(1)) >= len(before), logs[-2000:]
 
     _exactly_once(out_dir, rows)
     after = {p.name: json.loads(p.read_text())["run_id"] for p in (out_dir / "_shards").glob("*.json")}
@@ -178,7 +190,6 @@ def test_a_stopped_job_resumes_on_resubmit_without_recomputing_committed_shards(
         if f"{name.removeprefix('part-').removesuffix('.parquet')}.json" in before:
             assert (out_dir / name).stat().st_mtime_ns == mtime
     assert len({run for name, run in after.items() if name not in before}) == 1  # the rest: the new run
-    assert pq.read_metadata(next(out_dir.glob("part-*.parquet"))).num_rows == shard_rows
 
     code, out, _ = cli("jobs", "list")
     lines = {line.split()[0]: line for line in out.splitlines()}
