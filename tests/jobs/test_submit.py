@@ -74,7 +74,7 @@ def _exactly_once(out_dir: Path, rows: int) -> None:
     assert sorted(ids) == list(range(rows))  # every input id, exactly once
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_bad_specs_and_unseen_paths_never_reach_the_cluster(cluster, cli, model, tmp_path, monkeypatch):
     before = _job_ids(cli)
     good = _spec(tmp_path, model, rows=20, shard_rows=10, name="refused")
@@ -114,7 +114,7 @@ def test_bad_specs_and_unseen_paths_never_reach_the_cluster(cluster, cli, model,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 def test_submit_runs_the_driver_on_the_cluster_and_follows_its_logs(cluster, cli, model, tmp_path):
     spec = _spec(tmp_path, model, rows=100, shard_rows=50, name="tiny submit")
     started = time.monotonic()
@@ -145,7 +145,9 @@ def test_submit_runs_the_driver_on_the_cluster_and_follows_its_logs(cluster, cli
     _exactly_once(tmp_path / "out", 100)  # the rerun found every shard committed
 
 
-@pytest.mark.timeout(420)
+# Timeouts guard against hangs, not speed: each driver start imports torch + transformers on the cluster
+# (~15 s on a quiet 2-core machine, 100-150 s measured at load average 40-50 on the shared one).
+@pytest.mark.timeout(900)
 def test_a_stopped_job_resumes_on_resubmit_without_recomputing_committed_shards(
     cluster, cli, model, tmp_path
 ):
@@ -156,7 +158,7 @@ def test_a_stopped_job_resumes_on_resubmit_without_recomputing_committed_shards(
     assert code == 0
     first = out.strip()
 
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 400
     while len(list((out_dir / "_shards").glob("*.json"))) < 2:
         assert time.monotonic() < deadline, "no shard was committed in time"
         time.sleep(0.2)
