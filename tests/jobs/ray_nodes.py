@@ -197,8 +197,8 @@ def start_cluster(*, pythonpath: str, attempts: int = 2, **kwargs: int) -> Local
         try:
             cluster.start()
             return cluster
-        except (RuntimeError, TimeoutError):
+        except BaseException as e:  # a Ctrl-C during start must not leave nodes behind either
             cluster.stop()
-            if attempt == attempts - 1:
+            if attempt == attempts - 1 or not isinstance(e, RuntimeError | TimeoutError):
                 raise
     raise AssertionError("unreachable")
