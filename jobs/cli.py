@@ -279,6 +279,13 @@ def _add_cluster_parsers(sub: Any) -> None:
     _add_connection_args(submit)
     submit.add_argument("--overwrite", action="store_true", help="discard existing output")
     submit.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="the driver waits up to SECONDS for another run holding the output (as `run --wait`)",
+    )
+    submit.add_argument(
         "--local-paths-ok",
         action="store_true",
         help="allow absolute local paths in the spec: every node of the cluster mounts them",
@@ -327,6 +334,7 @@ def _submit(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         local_paths_ok=args.local_paths_ok,
         token_file=args.auth_token_file,
+        wait_s=args.wait,
         warn=lambda message: print(f"shardwise: warning: {message}", file=sys.stderr),
     )
     print(submission_id)

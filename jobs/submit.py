@@ -261,11 +261,13 @@ def _submission_id(name: str) -> str:
     return f"shardwise-{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def entrypoint(*, overwrite: bool = False) -> str:
+def entrypoint(*, overwrite: bool = False, wait_s: float = 0.0) -> str:
     """The driver's command on the cluster; `--address auto` joins the cluster the job runs on."""
     args = ["python", "-m", "jobs", "run", SPEC_FILE, "--address", "auto", "--no-progress"]
     if overwrite:
         args.append("--overwrite")
+    if wait_s:
+        args += ["--wait", f"{wait_s:g}"]
     return shlex.join(args)
 
 
@@ -277,6 +279,7 @@ def submit(
     overwrite: bool = False,
     local_paths_ok: bool = False,
     token_file: str | None = None,
+    wait_s: float = 0.0,
     warn: Callable[[str], Any] | None = None,
 ) -> str:
     """Validate `spec_path`, check its paths, submit it; returns the submission id at once."""
@@ -297,7 +300,7 @@ def submit(
         (Path(tmp) / SPEC_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
         client.call(
             client.ray.submit_job,
-            entrypoint=entrypoint(overwrite=overwrite),
+            entrypoint=entrypoint(overwrite=overwrite, wait_s=wait_s),
             submission_id=submission_id,
             runtime_env={"working_dir": tmp},
             metadata={

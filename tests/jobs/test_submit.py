@@ -12,13 +12,11 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from pipeline.commit import read_output
+from pipeline.commit import OutputDir, read_output
 from tests.helpers import job_dict, make_text_classifier, make_texts, write_texts_parquet
 from tests.jobs.ray_nodes import start_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +72,7 @@ def _exactly_once(out_dir: Path, rows: int) -> None:
     assert sorted(ids) == list(range(rows))  # every input id, exactly once
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bad_specs_and_unseen_paths_never_reach_the_cluster(cluster, cli, model, tmp_path, monkeypatch):
     before = _job_ids(cli)
@@ -114,6 +113,7 @@ def test_bad_specs_and_unseen_paths_never_reach_the_cluster(cluster, cli, model,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_submit_runs_the_driver_on_the_cluster_and_follows_its_logs(cluster, cli, model, tmp_path):
     spec = _spec(tmp_path, model, rows=100, shard_rows=50, name="tiny submit")
@@ -147,6 +147,7 @@ def test_submit_runs_the_driver_on_the_cluster_and_follows_its_logs(cluster, cli
 
 # Timeouts guard against hangs, not speed: each driver start imports torch + transformers on the cluster
 # (~15 s on a quiet 2-core machine, 100-150 s measured at load average 40-50 on the shared one).
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_stopped_job_resumes_on_resubmit_without_recomputing_committed_shards(
     cluster, cli, model, tmp_path
@@ -168,14 +169,11 @@ def test_a_stopped_job_resumes_on_resubmit_without_recomputing_committed_shards(
     assert "STOPPED" in out
 
     time.sleep(2)  # a commit already in flight when the driver was killed may still land
-    records = {p.name: p for p in (out_dir / "_shards").glob("*.json")}
-    assert 0 < len(records) < rows // shard_rows, "stopped mid-run"
-    before = {
-        name: (json.loads(p.read_text())["run_id"], p.stat().st_mtime_ns) for name, p in records.items()
-    }
-    parts_before = {p.name: p.stat().st_mtime_ns for p in out_dir.glob("part-*.parquet")}
+    before = OutputDir(str(out_dir)).read_records()
+    assert 0 < len(before) < rows // shard_rows, "stopped mid-run"
+    parts_before = {s: (out_dir / f"part-{s}.parquet").stat().st_mtime_ns for s in before}
 
-    code, out, _ = cli("submit", str(spec), "--local-paths-ok")
+    code, out, _ = cli("submit", str(spec), "--local-paths-ok", "--wait", "120")
     assert code == 0
     second = out.strip()
     code, logs, err = cli("jobs", "logs", second, "--follow")
@@ -184,14 +182,13 @@ def test_a_stopped_job_resumes_on_resubmit_without_recomputing_committed_shards(
     assert skipped and int(skipped.group(1)) >= len(before), logs[-2000:]
 
     _exactly_once(out_dir, rows)
-    after = {p.name: json.loads(p.read_text())["run_id"] for p in (out_dir / "_shards").glob("*.json")}
+    after = OutputDir(str(out_dir)).read_records()
     assert len(after) == rows // shard_rows
-    for name, (run_id, mtime) in before.items():  # committed before the stop: untouched
-        assert after[name] == run_id and (out_dir / "_shards" / name).stat().st_mtime_ns == mtime
-    for name, mtime in parts_before.items():
-        if f"{name.removeprefix('part-').removesuffix('.parquet')}.json" in before:
-            assert (out_dir / name).stat().st_mtime_ns == mtime
-    assert len({run for name, run in after.items() if name not in before}) == 1  # the rest: the new run
+    for shard, record in before.items():  # committed before the stop: not computed again
+        assert (after[shard].run_id, after[shard].committed_at) == (record.run_id, record.committed_at)
+        assert (out_dir / f"part-{shard}.parquet").stat().st_mtime_ns == parts_before[shard]
+    new_runs = {r.run_id for shard, r in after.items() if shard not in before}
+    assert len(new_runs) == 1 and not new_runs & {r.run_id for r in before.values()}
 
     code, out, _ = cli("jobs", "list")
     lines = {line.split()[0]: line for line in out.splitlines()}
