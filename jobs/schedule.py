@@ -217,9 +217,7 @@ def _output_counts(spec_path: str, overrides: Sequence[str], since: float) -> tu
 
     try:
         spec = load_spec(spec_path, overrides)
-        manifest = OutputDir(spec.output.uri, storage_options=spec.output.storage_options).read_json(
-            "_manifest.json"
-        )
+        manifest = OutputDir(spec.output.uri, storage_options=spec.output.storage_options).read_manifest()
     except Exception:  # noqa: BLE001 - counts are informative; the exit code is the verdict
         return None, None
     if not manifest or not manifest.get("runs") or manifest["runs"][-1].get("started_at", 0) < since - 1:
