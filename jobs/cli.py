@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -87,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         "--spec-only", action="store_true", help="check the spec's keys and values only (no files are read)"
     )
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+
+    _add_cluster_parsers(sub)
     return p
 
 
@@ -108,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tasks(args)
         if args.command == "validate":
             return _validate(args)
+        if args.command in _CLUSTER_COMMANDS:
+            return _CLUSTER_COMMANDS[args.command](args)
     except (ErrorRateExceeded, JobFailed) as e:
         if os.environ.get("SHARDWISE_DEBUG"):
             traceback.print_exc()
@@ -262,6 +267,182 @@ def _tasks(args: argparse.Namespace) -> int:
         print(f"  params: {', '.join(f'{k}: {v}' for k, v in info['params'].items())}")
         print(f"  output: {', '.join(f'{k}: {v}' for k, v in info['output'].items())}")
     return 0
+
+
+# -------------------------------------------------------------------------------------------------------
+# submit | jobs list|status|logs|stop | schedule  (jobs/submit.py, jobs/schedule.py)
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray job server, e.g. http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, "
+        "http://127.0.0.1:8265)",
+    )
+    p.add_argument(
+        "--auth-token-file",
+        default=None,
+        metavar="PATH",
+        help="file holding the cluster's Ray auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH)",
+    )
+
+
+def _add_cluster_parsers(sub: Any) -> None:
+    submit = sub.add_parser("submit", help="run a job spec on a Ray cluster (Ray Jobs API) and return")
+    submit.add_argument("spec", help="job spec YAML")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    _add_connection_args(submit)
+    submit.add_argument("--overwrite", action="store_true", help="discard existing output")
+    submit.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="the driver waits up to SECONDS for another run holding the output (as `run --wait`)",
+    )
+    submit.add_argument(
+        "--local-paths-ok",
+        action="store_true",
+        help="allow absolute local paths in the spec: every node of the cluster mounts them",
+    )
+
+    jobs = sub.add_parser("jobs", help="shardwise jobs submitted to a Ray cluster")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = jobs_sub.add_parser("list", help="submitted shardwise jobs, oldest first")
+    listing.add_argument("--json", action="store_true")
+    status = jobs_sub.add_parser("status", help="one job's state")
+    status.add_argument("id", help="submission id (printed by submit)")
+    status.add_argument("--json", action="store_true")
+    logs = jobs_sub.add_parser("logs", help="the job driver's log")
+    logs.add_argument("id")
+    logs.add_argument(
+        "--follow", action="store_true", help="stream until the job ends; exit 0 only if it succeeded"
+    )
+    stop = jobs_sub.add_parser("stop", help="stop a job; its committed shards stay (resubmit resumes)")
+    stop.add_argument("id")
+    for p in (listing, status, logs, stop):
+        _add_connection_args(p)
+
+    schedule = sub.add_parser("schedule", help="run (or --submit) a job spec at every cron tick")
+    schedule.add_argument("spec", help="job spec YAML (read again at every run)")
+    schedule.add_argument("--cron", required=True, help='cron expression, e.g. "0 2 * * *" (local time)')
+    schedule.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    schedule.add_argument(
+        "--address",
+        default=None,
+        help="local runs: the Ray cluster to join (as `run --address`); with --submit: the job server",
+    )
+    schedule.add_argument("--submit", action="store_true", help="submit each run to the cluster (Jobs API)")
+    schedule.add_argument("--auth-token-file", default=None, metavar="PATH", help="with --submit")
+    schedule.add_argument("--local-paths-ok", action="store_true", help="with --submit, as in submit")
+    schedule.add_argument("--log-file", default=None, help="default: ./<job name>.schedule.log")
+    schedule.add_argument("--run-at-start", action="store_true", help="one run now, then at each tick")
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from jobs.submit import submit
+
+    submission_id = submit(
+        args.spec,
+        overrides=args.overrides,
+        address=args.address,
+        overwrite=args.overwrite,
+        local_paths_ok=args.local_paths_ok,
+        token_file=args.auth_token_file,
+        wait_s=args.wait,
+        warn=lambda message: print(f"shardwise: warning: {message}", file=sys.stderr),
+    )
+    print(submission_id)
+    print(f"follow it: shardwise jobs logs {submission_id} --follow", file=sys.stderr)
+    return 0
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from jobs.submit import connect, job_info, job_logs, list_jobs, stop_job
+
+    client = connect(args.address, token_file=args.auth_token_file)
+    if args.jobs_command == "list":
+        listing = list_jobs(client)
+        if args.json:
+            print(json.dumps([dataclasses.asdict(j) for j in listing]))
+            return 0
+        for j in listing:
+            print(f"{j.submission_id}  {j.status:<9}  {_when(j.start_time)}  {j.name}  → {j.output}")
+        return 0
+    if args.jobs_command == "status":
+        info = job_info(client, args.id)
+        if args.json:
+            print(json.dumps(dataclasses.asdict(info)))
+            return 0
+        print(f"{info.submission_id}: {info.status}; job {info.name} → {info.output}")
+        print(f"started {_when(info.start_time)}, ended {_when(info.end_time)}")
+        if info.message:
+            print(f"message: {info.message}")
+        return 0
+    if args.jobs_command == "logs":
+        info = job_logs(client, args.id, follow=args.follow, write=lambda s: print(s, end="", flush=True))
+        if args.follow:
+            print(f"[{info.submission_id}: {info.status}]", file=sys.stderr)
+            return 0 if info.status == "SUCCEEDED" else 1
+        return 0
+    info = stop_job(client, args.id)
+    print(f"{info.submission_id}: {info.status}")
+    if info.output and info.status == "STOPPED":
+        print(f"committed shards in {info.output} are kept; submit the same spec again to resume")
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jobs.schedule import (
+        Scheduler,
+        SubmitRun,
+        SubprocessRun,
+        check_cron,
+        default_log_file,
+        install_signal_handlers,
+        log_to,
+    )
+    from pipeline.spec import load_spec
+
+    check_cron(args.cron)
+    spec = load_spec(args.spec, args.overrides)  # a bad spec is refused before the first tick
+    log_file = Path(args.log_file) if args.log_file else default_log_file(spec.name)
+    log = log_to(log_file)
+    if args.submit:
+        from jobs.submit import check_paths
+
+        check_paths(spec, local_paths_ok=args.local_paths_ok)
+        run_once: Any = SubmitRun(
+            args.spec,
+            overrides=args.overrides,
+            address=args.address,
+            local_paths_ok=args.local_paths_ok,
+            token_file=args.auth_token_file,
+            log_file=log_file,
+        )
+    else:
+        run_once = SubprocessRun(args.spec, overrides=args.overrides, address=args.address, log_file=log_file)
+    scheduler = Scheduler(
+        args.cron, run_once, interrupt=run_once.interrupt, log=log, run_at_start=args.run_at_start
+    )
+    install_signal_handlers(scheduler)
+    log(f"job {spec.name} ({args.spec}); log file {log_file}")
+    scheduler.run()
+    return 0
+
+
+_CLUSTER_COMMANDS = {"submit": _submit, "jobs": _jobs, "schedule": _schedule}
 
 
 if __name__ == "__main__":
