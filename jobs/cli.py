@@ -1,4 +1,4 @@
-"""`shardwise` command line: run | status | tasks | validate.
+"""`shardwise` command line: run | status | tasks | validate | submit | jobs | schedule.
 
 Exit codes: 0 success; 1 the job ran and failed (error rate, a failed stage); 2 the request is wrong (spec
 errors, missing files, refused output, an output held by another run, a damaged manifest). `status` exits

@@ -108,11 +108,11 @@ import pyarrow as pa
 
 from pipeline.commit import OutputDir
 from pipeline.errors import JobFailed, ModelError, OutputError, ShardwiseError, SourceError, SpecError
-from pipeline.execute import _redact, init_ray, new_run_id
+from pipeline.execute import init_ray, new_run_id
 from pipeline.lease import Lease
 from pipeline.locations import check_output_location
 from pipeline.redact import fingerprint_view, redact, scrub, secret_values
-from pipeline.sources import input_schema, list_fragments, read_table
+from pipeline.sources import input_schema, list_fragments, read_table, resolve_format
 from pipeline.spec import FinetuneSpec, InputSpec, JobSpec, spec_to_dict
 
 if TYPE_CHECKING:
@@ -510,7 +510,7 @@ def _finetune_manifest(
         "reason": reason,
         "fingerprint": fingerprint,
         "run_id": run_id,
-        "spec": _redact(spec_to_dict(spec)),
+        "spec": redact(spec_to_dict(spec)),
         "files": sorted(files),
         "updated_at": time.time(),
     }
@@ -659,6 +659,16 @@ def run_finetune(
         )
     if overwrite:
         spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, mode="overwrite"))
+    # A folder input's format comes from its files.
+    spec = dataclasses.replace(
+        spec,
+        input=resolve_format(spec.input),
+        train=dataclasses.replace(
+            t, eval_input=resolve_format(t.eval_input) if t.eval_input is not None else None
+        ),
+    )
+    t = spec.train
+    assert t is not None
     stage = spec.stage
     task = get_task(stage.task)
     if not callable(getattr(task, "training", None)):

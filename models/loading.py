@@ -200,7 +200,7 @@ def _relative_key(path: str, root: str, uri: str) -> str:
     root = root.rstrip("/")
     rel = path[len(root) + 1 :] if path.startswith(root + "/") else None
     parts = rel.split("/") if rel else []
-    if not parts or any(part in ("", ".", "..") for part in parts) or "\x00" in rel:
+    if rel is None or not parts or any(part in ("", ".", "..") for part in parts) or "\x00" in rel:
         raise ModelError(
             f"model {uri!r}: object {path!r} has a key that is not a plain path inside the model folder "
             "(it is absolute, or holds '..', '.' or an empty part) and would be written outside the cache; "

@@ -112,7 +112,7 @@ def init_ray(*, address: str | None, num_cpus: int | None = None, num_gpus: int 
     state.procs = _started_by_ray(state)
     state.watchdog = _start_watchdog(state.procs)
     # After ray.init: it installs its own SIGTERM handler (sys.exit) and its C++ core one that aborts.
-    _install_signal_handlers(previous)
+    _install_signal_handlers(previous)  # type: ignore[arg-type]
     _route_ray_logs()
 
 
@@ -235,7 +235,7 @@ def _require_token_auth() -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     # Ray caches its config and token per process; both must see the new settings before ray.init.
     Config.initialize("")
@@ -296,7 +296,8 @@ def quiet_console(*, log_dir: Path | None = None) -> Path | None:
             old.unlink()
     path = log_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    sys.stderr.flush()
+    if sys.stderr is not None:
+        sys.stderr.flush()
     terminal = io.TextIOWrapper(
         io.FileIO(os.dup(2), "w"),
         encoding=getattr(sys.stderr, "encoding", None) or "utf-8",

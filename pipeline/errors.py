@@ -9,6 +9,7 @@
     │   ├── OutputLocked         another run holds the output's lease (names the holder)
     │   └── CorruptOutput        a manifest or commit record cannot be read (names the file)
     ├── ErrorRateExceeded    more bad rows than `max_error_rate` allows
+    ├── ClusterError         (jobs.submit) the Ray job server cannot be reached or refuses the request
     └── JobFailed            the Ray job failed for a reason that is not a bad row
 
 Messages say what happened, why, and how to fix it, in one paragraph: the CLI prints them as they are.

@@ -55,6 +55,7 @@ from pipeline.errors import (
 from pipeline.lease import Lease
 from pipeline.locations import check_output_location
 from pipeline.plan import Shard, fingerprint, plan_shards
+from pipeline.redact import redact, scrub, secret_values
 from pipeline.sources import (
     Fragment,
     content_hashes,
@@ -505,8 +506,8 @@ def _manifest(
         "state": state,
         "reason": reason,
         "fingerprint": prep.fingerprint,
-        "fingerprint_parts": _redact(prep.parts),
-        "spec": _redact(spec_to_dict(spec)),
+        "fingerprint_parts": redact(prep.parts),
+        "spec": redact(spec_to_dict(spec)),
         "shards_total": len(prep.shards),
         "shards_done": len(ledger.done),
         "rows_total": prep.rows_total,
@@ -519,14 +520,6 @@ def _manifest(
         "runs": runs,
         "updated_at": time.time(),
     }
-
-
-def _redact(data: Any) -> Any:
-    try:
-        from pipeline.redact import redact
-    except ImportError:  # pragma: no cover - redact lands with the security change
-        return data
-    return redact(data)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -757,12 +750,14 @@ def _run_locked(
         ledger.flush()
     except BaseException as e:  # noqa: BLE001 - Ray wraps user errors; report the cause in one paragraph
         cause = _root_cause(e)
+        secrets = secret_values(spec_to_dict(spec))
         if isinstance(e, KeyboardInterrupt):
             failure: BaseException = e
         elif isinstance(cause, ShardwiseError):
-            failure = cause
+            scrubbed = scrub(str(cause), secrets)
+            failure = cause if scrubbed == str(cause) else type(cause)(scrubbed)  # type: ignore[call-arg]
         else:
-            failure = JobFailed(f"the job failed: {type(cause).__name__}: {cause}")
+            failure = JobFailed(f"the job failed: {type(cause).__name__}: {scrub(str(cause), secrets)}")
         runs[-1]["finished_at"] = time.time()
         state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         try:

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.redact import fingerprint_view, options_digest
 from pipeline.sources import Fragment
 from pipeline.spec import JobSpec, spec_to_dict
 
@@ -167,11 +168,13 @@ def fingerprint(
             "shard_rows": spec.input.shard_rows,
             "shard_bytes": spec.input.shard_bytes,
             "limit": spec.input.limit,
+            # Non-secret storage options only (endpoint, region): a rotated key is the same job.
+            "storage": options_digest(spec.input.storage_options),
             "files": [[f.rel, f.size, f.version, f.num_rows] for f in fragments],
         },
         "task": stage.task,
         "inputs": stage.inputs,
-        "params": _parsed_params(stage.task, stage.params),
+        "params": fingerprint_view(_parsed_params(stage.task, stage.params)),
         "dtype": stage.dtype,
         "model": model_identity,
     }

@@ -387,7 +387,7 @@ def _validate(spec: JobSpec) -> JobSpec:
             )
         if not 0.0 <= t.eval_fraction < 1.0:
             raise SpecError("train.eval_fraction", f"must be in [0, 1), got {t.eval_fraction}")
-        if t.eval_input is not None and t.eval_input.format is None:
+        if t.eval_input is not None and t.eval_input.format is None and _has_suffix(t.eval_input.uri):
             format_from_uri(t.eval_input.uri, key="train.eval_input.format")
         if spec.output.mode == "resume":
             # A fine-tune writes one model folder; "resume" has no meaning for it beyond refusing to clobber.

@@ -303,9 +303,9 @@ MISTAKES = [
     ("params rule", _set("stages[0].params.top_k", 0), "stages[0].params.top_k", [">= 1 or null"]),
     (
         "format not inferable",
-        _set("input", {"uri": "data/rt"}),
+        _set("input", {"uri": "data/rt.txt"}),
         "input.format",
-        ["'data/rt'", "set input.format", "parquet", "jsonl"],
+        ["'data/rt.txt'", "set input.format", "parquet", "jsonl"],
     ),
     (
         "two stages",
@@ -344,9 +344,9 @@ FINETUNE_MISTAKES = [
     ),
     (
         "eval_input format not inferable",
-        {"eval_input": {"uri": "data/eval"}},
+        {"eval_input": {"uri": "data/eval.txt"}},
         "train.eval_input.format",
-        ["'data/eval'", "set train.eval_input.format to one of"],
+        ["'data/eval.txt'", "set train.eval_input.format to one of"],
     ),
     ("eval_input missing uri", {"eval_input": {}}, "train.eval_input.uri", ["required key is missing"]),
     ("train wrong type", {"epochs": "many"}, "train.epochs", ["expected an integer"]),
