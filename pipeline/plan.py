@@ -46,6 +46,7 @@ class Shard:
     def from_dict(d: dict[str, Any]) -> Shard:
         frag = dict(d["fragment"])
         frag["offsets"] = tuple(frag.get("offsets") or ())
+        frag["row_groups"] = tuple(frag.get("row_groups") or ())
         return Shard(d["shard_id"], Fragment(**frag), int(d["start"]), int(d["stop"]))
 
 
