@@ -59,7 +59,7 @@ def _check_cover(shards: list[Shard], fragments: list[Fragment]) -> None:
             assert stop == start  # no gap, no overlap
         assert all(stop > start for start, stop in ranges)
     assert sum(s.num_rows for s in shards) == sum(f.num_rows for f in fragments)
-    order = [fragments.index(s.fragment) for s in shards]
+    order = [[f.rel for f in fragments].index(s.fragment.rel) for s in shards]
     assert order == sorted(order)
 
 
