@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from models.registry import ROW_ID, RowError, parse_params_dataclass, register_task
+from models.text import clip_text
 
 __all__ = ["CausalLMTrainable", "CausalLMTrainOptions", "TextGeneration", "TextGenerationParams", "row_seed"]
 
@@ -234,6 +235,10 @@ class _Preprocessor:
                     out[i] = RowError("InvalidInput", f"input 'text' is {what}; expected a string")
                 else:
                     ok.append(i)
+                    if self.params.handle_long_generation == "hole":
+                        # The prompt keeps at most `context` tokens from its end (see _features): tokenize
+                        # only what they come from, so a 50 MB prompt costs milliseconds.
+                        value = clip_text(value, self.settings.context, keep="end")
                     texts.append(self.settings.prefix + value)
             if ok:
                 encoded = self.tokenizer(texts)["input_ids"]

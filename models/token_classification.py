@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from models.registry import RowError, parse_params_dataclass, register_task
+from models.text import clip_text
 
 __all__ = [
     "TokenClassification",
@@ -150,8 +151,10 @@ class _Preprocessor:
         if not ok_rows:
             return out
         # The pipeline's tokenizer call, batched. Windows are padded per row below, not across the batch.
+        # Without windows the text is truncated: tokenize only what the kept tokens come from. Offsets of a
+        # prefix are the offsets in the whole text. With `stride` every window is used, so the whole text is.
         enc = self.tokenizer(
-            [texts[i] for i in ok_rows],
+            [texts[i] if self.stride is not None else clip_text(texts[i], self.max_length) for i in ok_rows],
             truncation=True,
             max_length=self.max_length,
             return_special_tokens_mask=True,
