@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from models.loading import load_pretrained
 from models.registry import RowError
 from models.text import clip_text
 
@@ -228,13 +229,7 @@ class _Runner:
 
         self.torch = torch
         self.device = torch.device(device)
-        self.model = (
-            AutoModelForSeq2SeqLM.from_pretrained(
-                model_dir, dtype=getattr(torch, dtype), use_safetensors=True
-            )
-            .to(self.device)
-            .eval()
-        )
+        self.model = load_pretrained(AutoModelForSeq2SeqLM, model_dir, device=device, dtype=dtype)
         tokenizer = _load_tokenizer(model_dir)
         self.settings = _resolve(model_dir, task, params, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

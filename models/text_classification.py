@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
 from models.text import clip_text
 
@@ -121,12 +122,8 @@ class _Runner:
 
         self.torch = torch
         self.device = torch.device(device)
-        self.model = (
-            AutoModelForSequenceClassification.from_pretrained(
-                model_dir, dtype=getattr(torch, dtype), use_safetensors=True
-            )
-            .to(self.device)
-            .eval()
+        self.model = load_pretrained(
+            AutoModelForSequenceClassification, model_dir, device=device, dtype=dtype
         )
         tokenizer = load_tokenizer(model_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

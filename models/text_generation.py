@@ -42,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from models.loading import load_pretrained
 from models.registry import ROW_ID, RowError, parse_params_dataclass, register_task
 from models.text import clip_text
 
@@ -391,11 +392,7 @@ class _Runner:
 
         self.torch = torch
         self.device = torch.device(device)
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True)
-            .to(self.device)
-            .eval()
-        )
+        self.model = load_pretrained(AutoModelForCausalLM, model_dir, device=device, dtype=dtype)
         tokenizer = _load_tokenizer(model_dir)
         self.settings = _resolve(model_dir, params, tokenizer)
         self.params = params

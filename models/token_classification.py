@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
 from models.text import clip_text
 
@@ -190,13 +191,7 @@ class _Runner:
 
         self.torch = torch
         self.device = torch.device(device)
-        self.model = (
-            AutoModelForTokenClassification.from_pretrained(
-                model_dir, dtype=getattr(torch, dtype), use_safetensors=True
-            )
-            .to(self.device)
-            .eval()
-        )
+        self.model = load_pretrained(AutoModelForTokenClassification, model_dir, device=device, dtype=dtype)
         tokenizer = _load_fast_tokenizer(model_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
