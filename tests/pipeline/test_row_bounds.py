@@ -122,3 +122,17 @@ def test_max_row_bytes_default_and_validation(tmp_path: Path) -> None:
     bad = {**base, "input": {**base["input"], "max_row_bytes": 0}}
     with pytest.raises(SpecError, match="input.max_row_bytes"):
         parse_spec(bad)
+
+
+def test_jsonl_over_long_line_on_s3(s3_storage_options, s3_bucket) -> None:
+    """Remote files (fsspec's buffered files, no readline(limit)) are read in bounded blocks too."""
+    import fsspec
+
+    uri = f"s3://{s3_bucket}/in.jsonl"
+    with fsspec.open(uri, "w", **s3_storage_options) as f:
+        f.write("\n".join(_jsonl_lines(3 * MIB)))
+    spec = InputSpec(uri=uri, id_column="id", max_row_bytes=MIB, storage_options=s3_storage_options)
+    (fragment,) = list_fragments(spec)
+    table = read_range(spec, fragment, 0, 5, columns=["text"])
+    assert table.column("text").to_pylist() == ["first", "second", None, "after", "last, no newline"]
+    assert "input.max_row_bytes" in table.column("__read_error")[2].as_py()
