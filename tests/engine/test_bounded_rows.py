@@ -47,6 +47,7 @@ def _run(tmp_path: Path, model: Path, input_path: Path, out: str, **input_keys) 
     return time.perf_counter() - started, result
 
 
+@pytest.mark.slow  # two jobs and a 50 MB file per format
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_50mb_row_is_predicted_as_its_clipped_prefix_in_seconds(
     ray_session, tiny_model, tmp_path, huge_text, suffix

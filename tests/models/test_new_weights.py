@@ -60,6 +60,7 @@ def test_a_model_with_its_head_loads(tmp_path):
     assert not runner.model.training
 
 
+@pytest.mark.slow  # Ray Data retries a failing actor constructor before it gives up
 @pytest.mark.timeout(240)
 def test_a_job_on_a_base_encoder_fails(ray_session, base_encoder, tmp_path):
     from pipeline.execute import run_inference
