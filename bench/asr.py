@@ -57,6 +57,7 @@ from bench.common import (
     CpuMeter,
     SystemRun,
     agreement,
+    committed_shards,
     format_table,
     machine_info,
     steady_rate,
@@ -261,7 +262,7 @@ def run_shardwise(cfg: BenchConfig, inp: _Inputs, *, tag: str, input_path: Path 
     started = time.time()
     result = run_inference(spec, overwrite=True, progress=False)
     wall = time.time() - started
-    shards = [s for s in result.manifest["shards"].values() if s["run_id"] == result.run_id]
+    shards = committed_shards(result.output_uri, result.run_id)
     events = sorted((s["committed_at"], s["rows_in"]) for s in shards)
     rows = sum(s["rows_in"] for s in shards)
     steady = steady_rate(events)

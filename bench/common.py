@@ -29,6 +29,7 @@ __all__ = [
     "SystemRun",
     "agreement",
     "build_texts",
+    "committed_shards",
     "format_table",
     "machine_info",
     "rt_review_pool",
@@ -212,6 +213,15 @@ def build_texts(
             acc.extend(words[order.pop()])
         texts.append(" ".join(acc[:target]))
     return texts
+
+
+def committed_shards(output_uri: str, run_id: str) -> list[dict[str, Any]]:
+    """The commit records (as dicts) of the shards that run `run_id` committed in an output."""
+    from dataclasses import asdict as _asdict
+
+    from pipeline.commit import OutputDir
+
+    return [_asdict(r) for r in OutputDir(output_uri).committed().values() if r.run_id == run_id]
 
 
 def text_stats(texts: Sequence[str], token_lengths: Sequence[int]) -> dict[str, Any]:

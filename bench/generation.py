@@ -47,6 +47,7 @@ from bench.common import (
     SystemRun,
     agreement,
     build_texts,
+    committed_shards,
     format_table,
     machine_info,
     rt_review_pool,
@@ -227,7 +228,7 @@ def run_shardwise(
     started = time.time()
     result = run_inference(spec, overwrite=True, progress=False)
     wall = time.time() - started
-    shards = [s for s in result.manifest["shards"].values() if s["run_id"] == result.run_id]
+    shards = committed_shards(result.output_uri, result.run_id)
     events = sorted((s["committed_at"], s["rows_in"]) for s in shards)
     rows = sum(s["rows_in"] for s in shards)
     steady = steady_rate(events)

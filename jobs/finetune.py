@@ -65,12 +65,14 @@ the same number of DDP steps (a worker with one step more would wait forever in 
 up to `num_workers - 1` rows per epoch.
 
 Output modes (`output.mode`). The output is a model folder, not shards, so:
-- `resume` (default): refuse if a finished model (`_SUCCESS`) is there; otherwise continue an interrupted
+- `resume` (default): refuse if a finished model is there (its manifest says so); otherwise continue an interrupted
   run of the same job from its last epoch checkpoint (Ray Train restores it when the run name and storage
   match; the run name carries a fingerprint of data, model and training settings, so a changed job starts
   from scratch instead of resuming someone else's state).
-- `overwrite`: delete whatever is at `output.uri` (and this run's checkpoints) and train from scratch;
-  the deleting happens after the data checks pass, so a typo does not cost the previous model.
+- `overwrite`: delete the files an earlier fine-tune published at `output.uri` (the ones its manifest lists,
+  and this run's checkpoints) and train from scratch; the deleting happens after the data checks pass, so a
+  typo does not cost the previous model. Nothing shardwise did not write is deleted: a folder holding other
+  files, or an inference output, is refused (pipeline.commit ownership, pipeline.locations).
 - `error-if-exists`: refuse if `output.uri` has any content.
 Checkpoints go to `train.checkpoint_uri`, else `<output.uri>/_checkpoints` (removed once the model is
 published; an explicit `checkpoint_uri` is left alone).
@@ -97,16 +99,18 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import pyarrow as pa
 
-from pipeline.commit import SUCCESS, OutputDir
+from pipeline.commit import OutputDir
 from pipeline.errors import JobFailed, ModelError, OutputError, ShardwiseError, SourceError, SpecError
-from pipeline.execute import init_ray
+from pipeline.execute import _redact, init_ray, new_run_id
+from pipeline.lease import Lease
+from pipeline.locations import check_output_location
 from pipeline.sources import input_schema, list_fragments, read_table
 from pipeline.spec import FinetuneSpec, InputSpec, JobSpec, spec_to_dict
 
@@ -455,34 +459,60 @@ def _prepare_data(spec: JobSpec) -> _Data:
 # Output location (driver)
 
 
-def _check_output(spec: JobSpec, out: OutputDir) -> None:
-    """Refuse what output.mode forbids. Nothing is deleted here: `overwrite` clears the output only once the
-    data and labels have passed their checks, so a job with a typo does not destroy the previous model."""
-    mode = spec.output.mode
-    if mode == "overwrite":
-        return
-    if mode == "error-if-exists" and out.has_content():
+def _check_locations(spec: JobSpec) -> None:
+    """The output and checkpoint folders must be safe places to write (and, on overwrite, delete) in."""
+    assert spec.train is not None
+    protected = [("input.uri", spec.input.uri), ("stages[0].model", spec.stage.model)]
+    if spec.train.eval_input is not None:
+        protected.append(("train.eval_input.uri", spec.train.eval_input.uri))
+    check_output_location(spec.output.uri, key="output.uri", protected=protected)
+    if spec.train.checkpoint_uri is not None:
+        check_output_location(spec.train.checkpoint_uri, key="train.checkpoint_uri", protected=protected)
+
+
+def _check_output(spec: JobSpec, out: OutputDir, *, delete: bool) -> dict[str, Any] | None:
+    """Refuse what output.mode forbids; returns the manifest of an earlier run. `delete=False` only checks:
+    `overwrite` clears the output only once the data and labels have passed their checks, so a job with a
+    typo does not destroy the previous model."""
+    manifest = out.claim(kind="finetune", mode=spec.output.mode, delete=delete)
+    if spec.output.mode != "overwrite" and manifest is not None and manifest.get("state") == "succeeded":
         raise OutputError(
-            f"output.uri {spec.output.uri!r} already has content and output.mode is 'error-if-exists'; choose "
-            "another output.uri, or set output.mode to 'overwrite' to train again from scratch"
-        )
-    if out.exists(SUCCESS):
-        raise OutputError(
-            f"output.uri {spec.output.uri!r} already holds a finished fine-tuned model (_SUCCESS is there); "
+            f"output.uri {spec.output.uri!r} already holds a finished fine-tuned model ({manifest.get('name')!r}); "
             "use it as an inference `model`, or set output.mode to 'overwrite' (or pass --overwrite) to "
             "train again, or write to another output.uri"
         )
+    return manifest
 
 
-def _clear_for_overwrite(out: OutputDir, run_dir: str, storage_options: dict[str, Any]) -> None:
-    """`overwrite`: remove the old output and this run's old checkpoints (which Ray Train would resume)."""
+def _clear_checkpoints(run_dir: str, storage_options: dict[str, Any]) -> None:
+    """`overwrite`: remove this run's old checkpoints (which Ray Train would resume)."""
     import fsspec
 
-    if out.exists():
-        out.fs.rm(out.root, recursive=True)
     fs, path = fsspec.core.url_to_fs(run_dir, **storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def _finetune_manifest(
+    spec: JobSpec, *, state: str, fingerprint: str, run_id: str, files: list[str], reason: str | None = None
+) -> dict[str, Any]:
+    """The fine-tune output's manifest: marks the folder as shardwise's (and lists the model files it wrote,
+    the only ones an overwrite may delete), and gives `shardwise status` its state."""
+    from pipeline import __version__
+
+    return {
+        "format": 2,
+        "shardwise": __version__,
+        "kind": "finetune",
+        "name": spec.name,
+        "state": state,
+        "reason": reason,
+        "fingerprint": fingerprint,
+        "run_id": run_id,
+        "spec": _redact(spec_to_dict(spec)),
+        "files": sorted(files),
+        "updated_at": time.time(),
+    }
 
 
 def _storage(uri: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
@@ -497,8 +527,10 @@ def _storage(uri: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
     return root, PyFileSystem(FSSpecHandler(fs))
 
 
-def _publish(checkpoint: Any, out: OutputDir, *, metrics: dict[str, Any]) -> None:
-    """Copy the final checkpoint's model files into the output folder; `_SUCCESS` last.
+def _publish(
+    checkpoint: Any, out: OutputDir, *, metrics: dict[str, Any], manifest: Callable[[list[str]], None]
+) -> None:
+    """Copy the final checkpoint's model files into the output folder (the caller writes `_SUCCESS` last).
 
     The files are staged first (a hidden folder inside the output on local disks, so each file is then one
     rename; a local temp folder for object stores, then one PUT per file): readers never see a partial
@@ -515,6 +547,8 @@ def _publish(checkpoint: Any, out: OutputDir, *, metrics: dict[str, Any]) -> Non
         checkpoint.to_directory(stage)
         Path(stage, _TRAIN_STATE).unlink(missing_ok=True)
         Path(stage, METRICS_FILE).write_text(json.dumps(metrics, indent=1, sort_keys=True, default=str))
+        # The manifest lists the files before they appear: a crash mid-publish leaves only files it owns.
+        manifest(sorted(p.relative_to(stage).as_posix() for p in Path(stage).rglob("*") if p.is_file()))
         for path in sorted(Path(stage).rglob("*")):
             if not path.is_file():
                 continue
@@ -526,7 +560,6 @@ def _publish(checkpoint: Any, out: OutputDir, *, metrics: dict[str, Any]) -> Non
                 out.fs.put_file(str(path), out.path(rel))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    out.write_success()
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -634,8 +667,10 @@ def run_finetune(
             "stages[0].task", f"task {stage.task!r} cannot be fine-tuned yet; tasks that can: {can}"
         )
 
+    _check_locations(spec)
     out = OutputDir(spec.output.uri, storage_options=spec.output.storage_options)
-    _check_output(spec, out)
+    # Read-only checks first: nothing (not even a lease file) is written before the job is known to be good.
+    _check_output(spec, out, delete=False)
     data = _prepare_data(spec)
     # A local base model becomes an absolute path (workers run in their own directories); a remote one is
     # fetched by each worker into its node's cache.
@@ -644,11 +679,52 @@ def run_finetune(
     if not remote_model:
         _check_base_model(base, stage.model)
     fp = _fingerprint(spec, data, model_identity(stage.model, revision=stage.revision))
+    run_id = new_run_id()
+    with Lease(out, run_id, what=f"fine-tune {spec.name!r}"):
+        _check_output(spec, out, delete=False)  # again, now that no other run can change it
+        return _finetune_locked(
+            spec,
+            out,
+            data,
+            base=base,
+            fp=fp,
+            run_id=run_id,
+            started=started,
+            address=address,
+            progress=progress,
+        )
+
+
+def _finetune_locked(
+    spec: JobSpec,
+    out: OutputDir,
+    data: _Data,
+    *,
+    base: str,
+    fp: str,
+    run_id: str,
+    started: float,
+    address: str | None,
+    progress: bool,
+) -> FinetuneResult:
+    t = spec.train
+    assert t is not None
+    stage = spec.stage
     ckpt_uri = t.checkpoint_uri or posixpath.join(spec.output.uri.rstrip("/"), CHECKPOINTS)
     storage_path, storage_fs = _storage(ckpt_uri, spec.output.storage_options)
     run_name = _run_name(spec, fp)
     if spec.output.mode == "overwrite":
-        _clear_for_overwrite(out, posixpath.join(ckpt_uri, run_name), spec.output.storage_options)
+        _check_output(spec, out, delete=True)
+        _clear_checkpoints(posixpath.join(ckpt_uri, run_name), spec.output.storage_options)
+
+    def write_manifest(state: str, files: list[str] = (), reason: str | None = None) -> None:  # type: ignore[assignment]
+        out.write_manifest(
+            _finetune_manifest(
+                spec, state=state, fingerprint=fp, run_id=run_id, files=list(files), reason=reason
+            )
+        )
+
+    write_manifest("running")
 
     init_ray(address=address, num_cpus=None if address else _embedded_cpus(t.num_workers))
     if address is None:
@@ -692,10 +768,12 @@ def run_finetune(
     watcher = _watch(board, stop, loop) if board is not None else None
     try:
         result = trainer.fit()
-    except ShardwiseError:
+    except ShardwiseError as e:
+        write_manifest("failed", reason=str(e))
         raise
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; report the cause in one paragraph
         cause = _worker_cause(e)
+        write_manifest("failed", reason=f"{type(cause).__name__}: {cause}")
         if isinstance(cause, ShardwiseError):
             raise cause from e
         raise JobFailed(
@@ -728,7 +806,15 @@ def run_finetune(
         "epochs": history,
         "wall_s": wall,
     }
-    _publish(result.checkpoint, out, metrics=metrics)
+    published: list[str] = []
+
+    def listed(files: list[str]) -> None:
+        published.extend(files)
+        write_manifest("publishing", files)
+
+    _publish(result.checkpoint, out, metrics=metrics, manifest=listed)
+    write_manifest("succeeded", published)
+    out.write_success()
     if t.checkpoint_uri is None and out.exists(CHECKPOINTS):
         out.fs.rm(out.path(CHECKPOINTS), recursive=True)  # the published folder holds the final weights
     return FinetuneResult(

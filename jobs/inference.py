@@ -14,7 +14,14 @@ __all__ = ["run"]
 
 
 def run(
-    spec: JobSpec, *, address: str | None = None, overwrite: bool = False, progress: bool = True
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    verify: bool = False,
+    verify_input: bool = False,
+    wait_s: float = 0.0,
 ) -> JobResult:
     """Run or resume `spec` to completion; raises a ShardwiseError subclass with the reason otherwise."""
     if spec.kind != "inference":
@@ -23,4 +30,12 @@ def run(
         raise SpecError(
             "kind", f"jobs.inference.run takes kind: inference, got {spec.kind!r}; use jobs.finetune"
         )
-    return run_inference(spec, address=address, overwrite=overwrite, progress=progress)
+    return run_inference(
+        spec,
+        address=address,
+        overwrite=overwrite,
+        progress=progress,
+        verify=verify,
+        verify_input=verify_input,
+        wait_s=wait_s,
+    )

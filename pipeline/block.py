@@ -3,6 +3,7 @@
     __shard       shard id (every row of a block belongs to one shard; blocks may hold several)
     __id          row id as a string (the id column's value, or "<file>:<row>")
     __row         row index within its file (restores order)
+    __file        the file the row came from, relative to the input root (error records name it)
     __err_stage   null, or the stage where the row failed: read | preprocess | forward | postprocess
     __err_type    exception/reason name
     __err_msg     what went wrong, for the error record
@@ -22,6 +23,7 @@ __all__ = [
     "ERR_STAGE",
     "ERR_TYPE",
     "FEATURE",
+    "FILE",
     "ID",
     "OUTPUT",
     "READ_ERROR",
@@ -33,6 +35,7 @@ __all__ = [
 SHARD = "__shard"
 ID = "__id"
 ROW = "__row"
+FILE = "__file"
 READ_ERROR = "__read_error"
 ERR_STAGE = "__err_stage"
 ERR_TYPE = "__err_type"

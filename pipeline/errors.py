@@ -5,7 +5,9 @@
     ├── SourceError          the input cannot be listed or read (names the URI)
     ├── ModelError           a model or processor cannot be loaded (names the path)
     ├── OutputError          the output location is in a state the job may not touch (names the fix)
-    │   └── FingerprintMismatch  the output holds shards of a different job
+    │   ├── FingerprintMismatch  the output holds shards of a different job
+    │   ├── OutputLocked         another run holds the output's lease (names the holder)
+    │   └── CorruptOutput        a manifest or commit record cannot be read (names the file)
     ├── ErrorRateExceeded    more bad rows than `max_error_rate` allows
     └── JobFailed            the Ray job failed for a reason that is not a bad row
 
@@ -20,7 +22,9 @@ __all__ = [
     "FingerprintMismatch",
     "JobFailed",
     "ModelError",
+    "CorruptOutput",
     "OutputError",
+    "OutputLocked",
     "ShardwiseError",
     "SourceError",
     "SpecError",
@@ -53,6 +57,14 @@ class OutputError(ShardwiseError):
 
 class FingerprintMismatch(OutputError):
     """The output already holds shards written by a different job."""
+
+
+class OutputLocked(OutputError):
+    """Another run holds the output's lease."""
+
+
+class CorruptOutput(OutputError):
+    """A file shardwise wrote in the output (manifest, commit record) cannot be read back."""
 
 
 class ErrorRateExceeded(ShardwiseError):

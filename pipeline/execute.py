@@ -13,15 +13,17 @@ backpressure: only a few shards are in flight per stage, whatever the dataset si
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,7 @@ from pipeline.block import (
     ERR_STAGE,
     ERR_TYPE,
     FEATURE,
+    FILE,
     ID,
     OUTPUT,
     READ_ERROR,
@@ -39,14 +42,30 @@ from pipeline.block import (
     SHARD,
     set_errors,
 )
-from pipeline.commit import ERROR_SCHEMA, OutputDir, ShardRecord
-from pipeline.errors import ErrorRateExceeded, JobFailed, ShardwiseError, SpecError
+from pipeline.commit import OUTPUT_FORMAT, Ledger, OutputDir, ShardRecord, error_schema
+from pipeline.errors import (
+    ErrorRateExceeded,
+    FingerprintMismatch,
+    JobFailed,
+    ShardwiseError,
+    SourceError,
+    SpecError,
+)
+from pipeline.lease import Lease
+from pipeline.locations import check_output_location
 from pipeline.plan import Shard, fingerprint, plan_shards
-from pipeline.sources import input_schema, list_fragments, read_range
+from pipeline.sources import (
+    Fragment,
+    content_hashes,
+    input_schema,
+    list_fragments,
+    read_shard,
+    resolve_format,
+)
 from pipeline.spec import JobSpec, StageSpec, spec_to_dict
 from pipeline.tensors import decode_tensors, encode_tensors
 
-__all__ = ["JobResult", "init_ray", "run_inference"]
+__all__ = ["JobResult", "Prepared", "init_ray", "preflight", "run_inference"]
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +90,14 @@ class JobResult:
     rows_error: int
     wall_s: float
     run_id: str
+    # Rows this run computed (not those an earlier run committed).
+    rows_run: int = 0
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def rows_per_s(self) -> float:
-        run_rows = sum(
-            r["rows_in"] for r in self.manifest.get("shards", {}).values() if r["run_id"] == self.run_id
-        )
-        return run_rows / self.wall_s if self.wall_s > 0 else 0.0
+        return self.rows_run / self.wall_s if self.wall_s > 0 else 0.0
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -177,11 +196,12 @@ def read_preprocess(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
     out = []
     for shard_json in batch.column("shard").to_pylist():
         shard = Shard.from_dict(json.loads(shard_json))
-        table = read_range(spec.input, shard.fragment, shard.start, shard.stop, columns=job["read_columns"])
+        table = read_shard(spec.input, shard.fragment, shard.start, shard.stop, columns=job["read_columns"])
         n = table.num_rows
         read_errors = table.column(READ_ERROR).to_pylist()
         table = table.drop_columns([READ_ERROR])
         table = table.append_column(SHARD, pa.array([shard.shard_id] * n, pa.string()))
+        table = table.append_column(FILE, pa.array([shard.fragment.rel] * n, pa.string()))
         for name in (ERR_STAGE, ERR_TYPE, ERR_MSG):
             table = table.append_column(name, pa.nulls(n, pa.string()))
         table = set_errors(table, "read", [("ParseError", e) if e is not None else None for e in read_errors])
@@ -202,7 +222,7 @@ def read_preprocess(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
                 else:
                     features[i] = res
         table = set_errors(table, "preprocess", errors)
-        keep = set(job["carry_columns"]) | {SHARD, ID, ROW, ERR_STAGE, ERR_TYPE, ERR_MSG}
+        keep = set(job["carry_columns"]) | {SHARD, ID, ROW, FILE, ERR_STAGE, ERR_TYPE, ERR_MSG}
         table = table.select([c for c in table.column_names if c in keep])
         for name, column in encode_tensors(features, prefix=FEATURE).items():
             table = table.append_column(name, column)
@@ -256,19 +276,27 @@ def postprocess_commit(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
         # Typed indices: a shard whose rows all failed has none, and an empty list is null-typed.
         predictions = _predictions_table(table.take(pa.array(ok_idx, pa.int64())), preds, schema, job)
         error_rows = table.filter(pa.compute.is_valid(table.column(ERR_STAGE)))
+        id_column = job["id_column"]
+        ids = error_rows.column(id_column if id_column is not None else ID)
         errors_table = pa.table(
             [
-                error_rows.column(ID),
+                ids,
+                error_rows.column(FILE),
+                error_rows.column(ROW),
                 error_rows.column(ERR_STAGE),
                 error_rows.column(ERR_TYPE),
                 error_rows.column(ERR_MSG),
             ],
-            schema=ERROR_SCHEMA,
+            schema=error_schema(pa.field(id_column, ids.type) if id_column is not None else None),
         )
         rec = out_dir.commit_shard(
-            shard_id, run_id=job["run_id"], predictions=predictions, errors=errors_table
+            shard_id,
+            run_id=job["run_id"],
+            fingerprint=job["fingerprint"],
+            predictions=predictions,
+            errors=errors_table,
         )
-        records.append(rec.__dict__)
+        records.append(dataclasses.asdict(rec))
     return pa.Table.from_pylist(records)
 
 
@@ -279,8 +307,8 @@ def _predictions_table(
     id_column = job["id_column"]
     if id_column is None:
         columns["id"] = rows.column(ID)
-    for col in job["keep_columns"]:
-        columns[col] = rows.column(col)
+    for col, name in job["keep_columns"].items():
+        columns[name] = rows.column(col)
     for f in schema:
         columns[f.name] = pa.array([p.get(f.name) for p in preds], f.type)
     return pa.table(columns)
@@ -297,14 +325,13 @@ def _read_columns(spec: JobSpec) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
-def _keep_columns(spec: JobSpec) -> list[str]:
-    keep = list(spec.input.kept())
-    if spec.input.id_column and spec.input.id_column not in keep:
-        keep.insert(0, spec.input.id_column)
-    elif spec.input.id_column:
-        keep.remove(spec.input.id_column)
-        keep.insert(0, spec.input.id_column)
-    return keep
+def _keep_columns(spec: JobSpec) -> dict[str, str]:
+    """Input column → output name, the id column first (under its own name unless renamed)."""
+    kept = spec.input.kept_as()
+    id_column = spec.input.id_column
+    if id_column is None:
+        return kept
+    return {id_column: kept.get(id_column, id_column), **{k: v for k, v in kept.items() if k != id_column}}
 
 
 def _check_columns(spec: JobSpec, schema: pa.Schema, output_schema: pa.Schema) -> None:
@@ -320,58 +347,177 @@ def _check_columns(spec: JobSpec, schema: pa.Schema, output_schema: pa.Schema) -
             "input.id_column",
             f"column {spec.input.id_column!r} is not in the input; its columns: {schema.names}",
         )
-    for col in spec.input.kept():
+    for col, name in _keep_columns(spec).items():
         if col not in names:
             raise SpecError(
                 "input.keep_columns", f"column {col!r} is not in the input; its columns: {schema.names}"
             )
-        if col in output_schema.names:
+        if name in output_schema.names:
             raise SpecError(
                 "input.keep_columns",
-                f"column {col!r} clashes with the task's output field of the same name; drop it from keep_columns",
+                f"column {col!r} would be kept as {name!r}, which is also a field the task writes; rename it in "
+                f"the output with a mapping, e.g. keep_columns: {{{col}: input_{col}}}",
             )
-    if spec.input.id_column is None and "id" in spec.input.kept():
+    if spec.input.id_column is None and "id" in _keep_columns(spec).values():
         raise SpecError(
             "input.keep_columns",
-            "keeps a column named 'id' but input.id_column is not set; set input.id_column: id",
+            "keeps a column named 'id' but input.id_column is not set; set input.id_column: id (or rename it "
+            "with keep_columns: {id: input_id})",
         )
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A job checked before Ray starts: its input listed and planned, its model and output vetted."""
+
+    spec: JobSpec  # input.format resolved
+    task: Any
+    params: Any
+    output_schema: pa.Schema
+    fragments: list[Fragment]
+    shards: list[Shard]
+    fingerprint: str
+    parts: dict[str, Any]
+    notes: list[str]
+
+    @property
+    def rows_total(self) -> int:
+        return sum(s.num_rows for s in self.shards)
+
+
+def _check_model(model: str, *, revision: str | None, key: str) -> None:
+    from models import loading
+
+    check = getattr(loading, "check_model", None)
+    try:
+        if check is not None:
+            check(model, revision=revision)
+        else:
+            loading.resolve_model(model, revision=revision)
+    except ShardwiseError as e:
+        raise type(e)(f"{key}: {e}") from e
+
+
+def _check_writable(uri: str) -> None:
+    """A local output's nearest existing folder must be writable (object stores fail at the first write)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return
+    path = os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise SpecError("output.uri", f"{uri!r} cannot be written here ({path} is not a writable folder)")
+
+
+def preflight(spec: JobSpec) -> Prepared:
+    """Everything that can be checked before Ray starts: the task and params, that the model resolves, that
+    the input exists, has rows and the mapped columns, and that the output is a safe, writable place."""
+    from models.loading import model_identity
+    from models.registry import get_task
+
+    stage = spec.stage
+    task = get_task(stage.task)
+    params = task.parse_params(stage.params, key="stages[0].params")
+    output_schema = task.output_schema(params)
+    _check_model(stage.model, revision=stage.revision, key="stages[0].model")
+    check_output_location(
+        spec.output.uri,
+        key="output.uri",
+        protected=[("input.uri", spec.input.uri)]
+        + [(f"stages[{i}].model", s.model) for i, s in enumerate(spec.stages)],
+    )
+    _check_writable(spec.output.uri)
+    spec = dataclasses.replace(spec, input=resolve_format(spec.input))
+    fragments = list_fragments(spec.input)
+    if fragments:
+        _check_columns(spec, input_schema(spec.input, fragments[0]), output_schema)
+    notes: list[str] = []
+    shards = plan_shards(spec, fragments, notes=notes)
+    if not shards and not spec.input.allow_empty:
+        raise SourceError(
+            f"input.uri {spec.input.uri!r} has no rows ({len(fragments)} file(s), all empty); check the path or "
+            "glob, or set input.allow_empty: true if an empty input is expected (the job then succeeds with "
+            "no part files)"
+        )
+    fp, parts = fingerprint(
+        spec, fragments, model_identity=model_identity(stage.model, revision=stage.revision)
+    )
+    return Prepared(spec, task, params, output_schema, fragments, shards, fp, parts, notes)
+
+
 def _manifest(
-    spec: JobSpec,
-    fp: str,
-    parts: dict[str, Any],
+    prep: Prepared,
+    ledger: Ledger,
+    *,
     state: str,
-    shards_total: int,
-    records: Mapping[str, ShardRecord],
     runs: list[dict[str, Any]],
+    input_sha256: dict[str, str] | None,
     reason: str | None = None,
 ) -> dict[str, Any]:
-    rows_in = sum(r.rows_in for r in records.values())
-    rows_error = sum(r.rows_error for r in records.values())
+    """The driver's summary of the job. Its size does not grow with the shard count: per-shard state lives
+    in `_shards/` (commit records)."""
+    from pipeline import __version__
+
+    spec = prep.spec
+    rows_in = ledger.rows_in
     return {
+        "format": OUTPUT_FORMAT,
+        "shardwise": __version__,
         "name": spec.name,
         "kind": spec.kind,
         "state": state,
         "reason": reason,
-        "fingerprint": fp,
-        "fingerprint_parts": parts,
-        "spec": spec_to_dict(spec),
-        "shards_total": shards_total,
-        "shards_done": len(records),
+        "fingerprint": prep.fingerprint,
+        "fingerprint_parts": _redact(prep.parts),
+        "spec": _redact(spec_to_dict(spec)),
+        "shards_total": len(prep.shards),
+        "shards_done": len(ledger.done),
+        "rows_total": prep.rows_total,
         "rows_in": rows_in,
-        "rows_ok": rows_in - rows_error,
-        "rows_error": rows_error,
-        "error_rate": rows_error / rows_in if rows_in else 0.0,
+        "rows_ok": rows_in - ledger.rows_error,
+        "rows_error": ledger.rows_error,
+        "error_rate": ledger.rows_error / rows_in if rows_in else 0.0,
         "max_error_rate": spec.max_error_rate,
+        "input_sha256": input_sha256,
         "runs": runs,
-        "shards": {k: records[k].__dict__ for k in sorted(records)},
         "updated_at": time.time(),
     }
 
 
+def _redact(data: Any) -> Any:
+    try:
+        from pipeline.redact import redact
+    except ImportError:  # pragma: no cover - redact lands with the security change
+        return data
+    return redact(data)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The line of a remote traceback that names the exception: "pkg.mod.SomeError: message".
+_EXC_LINE = re.compile(
+    r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Mismatch|Exceeded|Failed|Locked)): ?(.*)$"
+)
+
+
+def _remote_cause(text: str) -> tuple[str, str] | None:
+    """(exception type, message) of the first exception in a Ray task error's text: Ray Data wraps a UDF's
+    exception in UserCodeException and only the text of the worker's traceback keeps the original."""
+    first = _ANSI.sub("", text).split("The above exception was the direct cause of the following exception:")[
+        0
+    ]
+    lines = first.strip().splitlines()
+    for i, line in enumerate(lines):
+        match = _EXC_LINE.match(line)
+        if match and not line.startswith(" "):
+            message = "\n".join([match.group(2), *lines[i + 1 :]]).strip()
+            return match.group(1), message
+    return None
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     """The innermost ShardwiseError (or the original user-code exception) inside Ray's wrappers."""
+    import pipeline.errors as errors
+
     seen = set()
     current: BaseException | None = exc
     best: BaseException = exc
@@ -379,6 +525,17 @@ def _root_cause(exc: BaseException) -> BaseException:
         seen.add(id(current))
         if isinstance(current, ShardwiseError):
             return current
+        remote = _remote_cause(str(current)) if type(current).__module__.startswith("ray") else None
+        if remote is not None and not remote[0].startswith("ray."):
+            name, message = remote
+            cls = (
+                getattr(errors, name.rsplit(".", 1)[-1], None)
+                if name.startswith("pipeline.errors.")
+                else None
+            )
+            if isinstance(cls, type) and issubclass(cls, ShardwiseError):
+                return SpecError("", message) if cls is SpecError else cls(message)
+            return JobFailed(f"the job failed: {name.rsplit('.', 1)[-1]}: {message}")
         cause = getattr(current, "cause", None)
         if isinstance(cause, BaseException):
             best = cause
@@ -389,6 +546,15 @@ def _root_cause(exc: BaseException) -> BaseException:
     return best
 
 
+def _allowed_errors(spec: JobSpec, rows: int) -> int:
+    """Error rows a job of `rows` rows may have: exactly at max_error_rate passes (float noise aside)."""
+    return math.floor(spec.max_error_rate * rows + 1e-9)
+
+
+def _warn(message: str) -> None:
+    print(f"shardwise: warning: {message}", file=sys.stderr)
+
+
 def run_inference(
     spec: JobSpec,
     *,
@@ -396,148 +562,237 @@ def run_inference(
     overwrite: bool = False,
     progress: bool = True,
     max_shards: int | None = None,
+    verify: bool = False,
+    verify_input: bool = False,
+    wait_s: float = 0.0,
 ) -> JobResult:
-    """Run (or resume) an inference job to completion. Raises ShardwiseError subclasses on failure."""
-    import ray
+    """Run (or resume) an inference job to completion. Raises ShardwiseError subclasses on failure.
 
-    from models.loading import model_identity
-    from models.registry import get_task
-
+    `verify` re-reads every committed part and checks its sha256 before trusting it (else sizes are
+    checked); `verify_input` hashes the input files and refuses to resume over files whose content changed
+    (even with the same size and mtime); `wait_s` waits that long for another run's lease on the output."""
     started = time.time()
-    stage = spec.stage
-    task = get_task(stage.task)
-    params = task.parse_params(stage.params, key="stages[0].params")
-    output_schema = task.output_schema(params)
-
-    fragments = list_fragments(spec.input)
-    _check_columns(spec, input_schema(spec.input, fragments[0]), output_schema)
-    fp, parts = fingerprint(
-        spec, fragments, model_identity=model_identity(stage.model, revision=stage.revision)
-    )
-    shards = plan_shards(spec, fragments)
-
+    prep = preflight(spec)
+    for note in prep.notes:
+        _warn(note)
+    spec = prep.spec
     out = OutputDir(
         spec.output.uri, storage_options=spec.output.storage_options, compression=spec.output.compression
     )
+    run_id = new_run_id()
     mode = "overwrite" if overwrite else spec.output.mode
-    committed = out.prepare(fingerprint=fp, parts=parts, mode=mode)
-    previous = out.read_json("_manifest.json") or {}
-    planned = {s.shard_id for s in shards}
+    out.claim(
+        kind="inference", mode=mode, delete=False
+    )  # refuse a foreign folder before writing a lease there
+    with Lease(out, run_id, what=f"inference job {spec.name!r}", wait_s=wait_s) as lease:
+        return _run_locked(
+            prep,
+            out,
+            lease,
+            run_id=run_id,
+            started=started,
+            address=address,
+            mode=mode,
+            progress=progress,
+            max_shards=max_shards,
+            verify=verify,
+            verify_input=verify_input,
+        )
+
+
+def _check_input_content(
+    prep: Prepared, previous: dict[str, Any], *, verify_input: bool
+) -> dict[str, str] | None:
+    """--verify-input: hash the input; refuse to resume when a file's content differs from the last hashes."""
+    known = previous.get("input_sha256")
+    if not verify_input:
+        return known
+    hashes = content_hashes(prep.spec.input, prep.fragments)
+    if known:
+        changed = sorted(f for f, h in hashes.items() if f in known and known[f] != h)
+        if changed:
+            raise FingerprintMismatch(
+                f"input file(s) {changed[:5]} changed content since this output's earlier run (same listing, "
+                "other bytes: an edit in place). Its committed shards were computed from the old rows; rerun "
+                "with --overwrite to recompute everything, or write to another output.uri"
+            )
+    return hashes
+
+
+def _run_locked(
+    prep: Prepared,
+    out: OutputDir,
+    lease: Lease,
+    *,
+    run_id: str,
+    started: float,
+    address: str | None,
+    mode: str,
+    progress: bool,
+    max_shards: int | None,
+    verify: bool,
+    verify_input: bool,
+) -> JobResult:
+    spec = prep.spec
+    stage = spec.stage
+    notes: list[str] = []
+    committed = out.prepare(
+        fingerprint=prep.fingerprint,
+        parts=prep.parts,
+        mode=mode,  # type: ignore[arg-type]
+        verify=verify,
+        notes=notes,
+    )
+    for note in notes:
+        _warn(note)
+    previous = out.read_manifest() or {}
+    input_sha256 = _check_input_content(prep, previous, verify_input=verify_input)
+    planned = {s.shard_id for s in prep.shards}
     committed = {k: v for k, v in committed.items() if k in planned}
-    todo = [s for s in shards if s.shard_id not in committed]
+    todo = [s for s in prep.shards if s.shard_id not in committed]
     if max_shards is not None:
         todo = todo[:max_shards]
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     runs = list(previous.get("runs", [])) + [
         {"run_id": run_id, "started_at": started, "shards_todo": len(todo), "shards_skipped": len(committed)}
     ]
     out.clear_success()
-    records: dict[str, ShardRecord] = dict(committed)
-    out.write_manifest(_manifest(spec, fp, parts, "running", len(shards), records, runs))
+    ledger = Ledger(out, run_id=run_id, previous=committed)
 
-    rows_total = sum(s.num_rows for s in shards)
-    bar = _progress(progress, total=rows_total, initial=sum(r.rows_in for r in records.values()))
+    def manifest(state: str, reason: str | None = None) -> dict[str, Any]:
+        return _manifest(prep, ledger, state=state, runs=runs, input_sha256=input_sha256, reason=reason)
+
+    out.write_manifest(manifest("running"))
+    rows_total = prep.rows_total
+    allowed = _allowed_errors(spec, rows_total)
+    bar = _progress(progress, total=rows_total, initial=ledger.rows_in)
     try:
         if todo:
             init_ray(address=address, num_cpus=None if address else embedded_cpus(spec))
+            task = prep.task
             job = {
                 "spec": spec,
                 "stage_key": _stage_key(stage),
                 "read_columns": _read_columns(spec),
                 "carry_columns": list(
                     dict.fromkeys(
-                        _keep_columns(spec)
+                        list(_keep_columns(spec))
                         + [stage.inputs[n] for n in task.postprocess_inputs if n in stage.inputs]
                     )
                 ),
                 "keep_columns": _keep_columns(spec),
                 "id_column": spec.input.id_column,
-                "output_schema": output_schema,
+                "output_schema": prep.output_schema,
                 "output": out,
                 "run_id": run_id,
+                "fingerprint": prep.fingerprint,
             }
-            ds = _build_dataset(ray, spec, todo, job)
-            max_errors = spec.max_error_rate * rows_total
+            ds = _build_dataset(ray_module(), spec, todo, job)
             last_write = time.monotonic()
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 for rec_dict in batch.to_pylist():
                     rec = ShardRecord(**rec_dict)
-                    records[rec.shard_id] = rec
-                    if bar is not None:
+                    if ledger.add(rec) and bar is not None:
                         bar.update(rec.rows_in)
-                        bar.set_postfix(errors=sum(r.rows_error for r in records.values()), refresh=False)
-                # The manifest lists every shard: rewriting it per shard would be quadratic in a big job.
-                # Commit records are the truth; the manifest is the driver's summary, refreshed every few s.
+                        bar.set_postfix(errors=ledger.rows_error, refresh=False)
                 if time.monotonic() - last_write > _MANIFEST_EVERY_S:
-                    out.write_manifest(_manifest(spec, fp, parts, "running", len(shards), records, runs))
+                    lease.check()
+                    out.write_manifest(manifest("running"))
                     last_write = time.monotonic()
-                if sum(r.rows_error for r in records.values()) > max_errors:
+                if ledger.rows_error > allowed:
                     break  # the job can no longer pass; stop spending compute on it
-    except ShardwiseError:
-        raise
-    except Exception as e:  # noqa: BLE001 - Ray wraps user errors; report the cause in one paragraph
+        ledger.flush()
+    except BaseException as e:  # noqa: BLE001 - Ray wraps user errors; report the cause in one paragraph
         cause = _root_cause(e)
-        failure = (
-            cause
-            if isinstance(cause, ShardwiseError)
-            else JobFailed(f"the job failed: {type(cause).__name__}: {cause}")
-        )
+        if isinstance(e, KeyboardInterrupt):
+            failure: BaseException = e
+        elif isinstance(cause, ShardwiseError):
+            failure = cause
+        else:
+            failure = JobFailed(f"the job failed: {type(cause).__name__}: {cause}")
         runs[-1]["finished_at"] = time.time()
-        out.write_manifest(
-            _manifest(spec, fp, parts, "failed", len(shards), records, runs, reason=str(failure))
-        )
+        try:
+            ledger.flush()
+            out.write_manifest(
+                manifest("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", reason=str(failure))
+            )
+        except Exception:  # noqa: BLE001 - the original failure is what the user must see
+            pass
+        if failure is e:
+            raise
         raise failure from e
     finally:
         if bar is not None:
             bar.close()
 
+    # The records on storage are the truth: check every planned shard's record against its part file.
+    lease.check()
+    records = {k: v for k, v in out.read_records().items() if k in planned}
+    good, bad = out.verified(records, fingerprint=prep.fingerprint)
+    leftover = [good[k] for k in out.single_records if k in good]
+    if len(leftover) > 0:
+        out.compact(leftover, tag=f"{run_id}-final")  # single records of earlier runs or retried tasks
+    ledger = Ledger(out, run_id=run_id, previous=good)
+    ledger.run_rows = sum(r.rows_in for r in good.values() if r.run_id == run_id)
     wall = time.time() - started
-    runs[-1]["finished_at"] = time.time()
-    runs[-1]["wall_s"] = wall
-    # The commit records on storage are the truth (a retried task may have committed a shard twice).
-    records.update({k: v for k, v in out.committed().items() if k in planned})
-    rows_in = sum(r.rows_in for r in records.values())
-    rows_error = sum(r.rows_error for r in records.values())
-    missing = planned - set(records)
+    runs[-1].update(finished_at=time.time(), wall_s=wall, rows_run=ledger.run_rows)
+    missing = sorted(planned - set(good))
     state, reason = "succeeded", None
-    if (
-        rows_in
-        and rows_error / rows_in > spec.max_error_rate
-        or rows_error > spec.max_error_rate * rows_total
-    ):
+    if ledger.rows_error > allowed:
         state = "failed"
         reason = (
-            f"{rows_error} of {rows_in} rows failed ({rows_error / max(rows_in, 1):.2%}), above max_error_rate "
-            f"{spec.max_error_rate:.2%}. See the error records in {spec.output.uri}/_errors/ (stage, "
-            "error_type, message per row); fix the input or raise max_error_rate"
+            f"{ledger.rows_error} of {ledger.rows_in} rows failed ({ledger.rows_error / max(ledger.rows_in, 1):.2%}), "
+            f"above max_error_rate {spec.max_error_rate:.2%} (at most {allowed} of {rows_total} rows). See the "
+            f"error records in {spec.output.uri}/_errors/ (stage, error_type, message per row); fix the input or "
+            "raise max_error_rate"
+        )
+    elif bad:
+        state = "failed"
+        reason = (
+            f"{len(bad)} shard(s) did not verify after this run ("
+            + "; ".join(f"{k}: {why}" for k, why in sorted(bad.items())[:3])
+            + "): something else changed the output while the job ran. Rerun to compute them again"
         )
     elif missing and max_shards is None:
         state = "failed"
-        reason = f"{len(missing)} shard(s) produced no commit record (e.g. {sorted(missing)[:3]}); rerun to resume them"
+        reason = (
+            f"{len(missing)} shard(s) produced no commit record (e.g. {missing[:3]}); rerun to resume them"
+        )
     elif missing:
         state = "partial"
-    manifest = _manifest(spec, fp, parts, state, len(shards), records, runs, reason=reason)
-    out.write_manifest(manifest)
+    manifest_data = manifest(state, reason=reason)
+    out.write_manifest(manifest_data)
     result = JobResult(
         spec.output.uri,
         state,
-        len(shards),
+        len(prep.shards),
         len(todo),
         len(committed),
-        rows_in,
-        rows_in - rows_error,
-        rows_error,
+        ledger.rows_in,
+        ledger.rows_ok,
+        ledger.rows_error,
         wall,
         run_id,
-        manifest,
+        rows_run=ledger.run_rows,
+        manifest=manifest_data,
+        notes=prep.notes + notes,
     )
     if state == "failed":
-        if rows_error and reason and "max_error_rate" in reason:
-            raise ErrorRateExceeded(reason)
+        if ledger.rows_error > allowed:
+            raise ErrorRateExceeded(reason or "too many error rows")
         raise JobFailed(reason or "the job failed")
     if state == "succeeded":
         out.write_success()
     return result
+
+
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def ray_module() -> Any:
+    import ray
+
+    return ray
 
 
 def _build_dataset(ray: Any, spec: JobSpec, todo: list[Shard], job: dict[str, Any]) -> Any:

@@ -18,7 +18,8 @@ from pipeline.spec import JobSpec, spec_to_dict
 
 __all__ = ["PLAN_VERSION", "Shard", "fingerprint", "plan_shards"]
 
-PLAN_VERSION = 1
+# 2: Parquet shards follow row groups; input.limit.
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -47,19 +48,26 @@ class Shard:
         return Shard(d["shard_id"], Fragment(**frag), int(d["start"]), int(d["stop"]))
 
 
-def plan_shards(spec: JobSpec, fragments: list[Fragment]) -> list[Shard]:
-    """Row-range shards over all fragments, in listing order. Empty files give no shard."""
+def plan_shards(spec: JobSpec, fragments: list[Fragment], *, notes: list[str] | None = None) -> list[Shard]:
+    """Row-range shards over all fragments, in listing order. Empty files give no shard.
+
+    Parquet shards follow row-group boundaries (whole groups, several small ones per shard), so a shard
+    decodes only its own rows. A group larger than a shard is cut into row ranges that are streamed; when it
+    is much larger, reading it costs more than the shard (`notes` gets a message on how to rewrite the file).
+    `input.limit` keeps the first rows of the plan only.
+    """
     ranges: list[tuple[Fragment, int, int]] = []
     for frag in fragments:
         if frag.num_rows == 0:
             continue
         by_bytes = max(1, int(spec.input.shard_bytes // max(frag.row_bytes, 1.0)))
         per_shard = min(spec.input.shard_rows, by_bytes)
-        # Equal-sized shards within a file (rather than full shards plus a runt) balance the replicas: sizes
-        # differ by at most one row, and none exceeds per_shard.
-        pieces = math.ceil(frag.num_rows / per_shard)
-        for i in range(pieces):
-            ranges.append((frag, i * frag.num_rows // pieces, (i + 1) * frag.num_rows // pieces))
+        if frag.row_groups and sum(frag.row_groups) == frag.num_rows:
+            ranges.extend(_group_ranges(frag, per_shard, notes))
+        else:
+            ranges.extend((frag, a, b) for a, b in _equal_pieces(0, frag.num_rows, per_shard))
+    if spec.input.limit is not None:
+        ranges = _first_rows(ranges, spec.input.limit)
     width = max(5, len(str(len(ranges))))
     return [
         Shard(str(i).zfill(width), frag.for_rows(start), start, stop)
@@ -67,8 +75,62 @@ def plan_shards(spec: JobSpec, fragments: list[Fragment]) -> list[Shard]:
     ]
 
 
+def _equal_pieces(start: int, stop: int, per_shard: int) -> list[tuple[int, int]]:
+    """Equal-sized pieces (rather than full ones plus a runt) balance the replicas: sizes differ by at most
+    one row, and none exceeds per_shard."""
+    n = stop - start
+    pieces = math.ceil(n / per_shard)
+    return [(start + i * n // pieces, start + (i + 1) * n // pieces) for i in range(pieces)]
+
+
+# A row group this many times larger than a shard is read over and over by the shards cut from it.
+_BIG_GROUP_FACTOR = 4
+
+
+def _group_ranges(frag: Fragment, per_shard: int, notes: list[str] | None) -> list[tuple[Fragment, int, int]]:
+    out: list[tuple[Fragment, int, int]] = []
+    start = pos = 0
+    biggest = 0
+    for rows in frag.row_groups:
+        if rows > per_shard:
+            if pos > start:
+                out.append((frag, start, pos))
+            out.extend((frag, a, b) for a, b in _equal_pieces(pos, pos + rows, per_shard))
+            biggest = max(biggest, rows)
+            start = pos = pos + rows
+            continue
+        if pos + rows - start > per_shard:
+            out.append((frag, start, pos))
+            start = pos
+        pos += rows
+    if pos > start:
+        out.append((frag, start, pos))
+    if notes is not None and biggest > _BIG_GROUP_FACTOR * per_shard:
+        notes.append(
+            f"{frag.rel!r} has row groups of up to {biggest:,} rows, {biggest // per_shard}× a shard "
+            f"({per_shard:,} rows): each shard streams through its group, so reading costs more than it "
+            f"should. Rewrite the file with smaller row groups, e.g. pyarrow.parquet.write_table(table, path, "
+            f"row_group_size={per_shard})"
+        )
+    return out
+
+
+def _first_rows(ranges: list[tuple[Fragment, int, int]], limit: int) -> list[tuple[Fragment, int, int]]:
+    out, total = [], 0
+    for frag, a, b in ranges:
+        if total >= limit:
+            break
+        b = min(b, a + limit - total)
+        out.append((frag, a, b))
+        total += b - a
+    return out
+
+
 def fingerprint(
-    spec: JobSpec, fragments: list[Fragment], *, model_identity: dict[str, Any]
+    spec: JobSpec,
+    fragments: list[Fragment],
+    *,
+    model_identity: dict[str, Any],
 ) -> tuple[str, dict[str, Any]]:
     """(sha256 hex, the parts it hashes). Anything that changes which rows exist or what is predicted for
     them is in; knobs that only change speed (batch_size, replicas, num_gpus) are out."""
@@ -83,9 +145,10 @@ def fingerprint(
         "input": {
             "format": spec.input.resolved_format(),
             "id_column": spec.input.id_column,
-            "keep_columns": list(spec.input.kept()),
+            "keep_columns": spec.input.kept_as(),
             "shard_rows": spec.input.shard_rows,
             "shard_bytes": spec.input.shard_bytes,
+            "limit": spec.input.limit,
             "files": [[f.rel, f.size, f.version, f.num_rows] for f in fragments],
         },
         "task": stage.task,
@@ -94,6 +157,7 @@ def fingerprint(
         "dtype": stage.dtype,
         "model": model_identity,
     }
+
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return digest, parts
 

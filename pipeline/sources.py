@@ -24,17 +24,23 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.block import ID, READ_ERROR, ROW
-from pipeline.errors import SourceError
-from pipeline.spec import InputSpec
+from pipeline.errors import SourceError, SpecError
+from pipeline.spec import FORMATS, InputSpec
 
 __all__ = [
     "Fragment",
     "input_schema",
     "list_fragments",
+    "content_hashes",
     "read_range",
+    "read_shard",
     "read_table",
+    "resolve_format",
 ]
 
+
+# Rows per batch when a shard reads part of a large Parquet row group (bounds its decode memory).
+_STREAM_BATCH_ROWS = 4096
 
 _SUFFIXES = {
     "parquet": (".parquet", ".pq"),
@@ -59,15 +65,19 @@ class Fragment:
     offset_every: int = 0
     # Index of offsets[0] among all anchors: a shard carries only the anchor it needs (see `for_rows`).
     offsets_base: int = 0
+    # For parquet: rows of each row group, in file order (the planner cuts shards on these boundaries).
+    row_groups: tuple[int, ...] = ()
 
     def for_rows(self, start: int) -> Fragment:
         """This fragment as a shard starting at row `start` needs it: one seek offset, not the whole list
-        (a 10M-row file has ~10k anchors, which would otherwise travel with every shard)."""
-        if not self.offsets or not self.offset_every:
-            return self
-        anchor = start // self.offset_every
+        (a 10M-row file has ~10k anchors, which would otherwise travel with every shard), and no row-group
+        list (the shard's reader finds its groups in the file's footer)."""
+        frag = dataclasses.replace(self, row_groups=()) if self.row_groups else self
+        if not frag.offsets or not frag.offset_every:
+            return frag
+        anchor = start // frag.offset_every
         return dataclasses.replace(
-            self, offsets=(self.offsets[anchor - self.offsets_base],), offsets_base=anchor
+            frag, offsets=(frag.offsets[anchor - frag.offsets_base],), offsets_base=anchor
         )
 
 
@@ -147,6 +157,8 @@ def list_fragments(spec: InputSpec) -> list[Fragment]:
     except Exception as e:  # noqa: BLE001 - backend errors (auth, network) reach the user with the URI
         raise SourceError(f"cannot list input.uri {spec.uri!r}: {type(e).__name__}: {e}") from e
     if not paths:
+        if spec.allow_empty:
+            return []
         raise SourceError(
             f"input.uri {spec.uri!r} matched no {fmt} files; check the path, the glob or input.format"
         )
@@ -176,8 +188,11 @@ def _describe(fs: Any, path: str, rel: str, info: dict[str, Any], fmt: str, spec
 
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
+        groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         raw = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-        return Fragment(path, rel, size, version, meta.num_rows, raw / max(meta.num_rows, 1))
+        return Fragment(
+            path, rel, size, version, meta.num_rows, raw / max(meta.num_rows, 1), row_groups=groups
+        )
     if fmt == "hf":
         import pyarrow.ipc as ipc
 
@@ -275,16 +290,24 @@ def read_range(
             pf = pq.ParquetFile(f)
             _check_columns(pf.schema_arrow.names, cols, fragment)
             groups: list[int] = []
-            first = pos = 0  # first: the file row where the first read row group starts
+            first = pos = last = 0  # the file rows where the first read group starts and the last one ends
             for i in range(pf.metadata.num_row_groups):
                 n = pf.metadata.row_group(i).num_rows
                 if pos + n > start and pos < stop:
                     first = pos if not groups else first
                     groups.append(i)
+                    last = pos + n
                 pos += n
-            table = pf.read_row_groups(groups, columns=cols) if groups else pf.schema_arrow.empty_table()
-            if groups:
-                table = table.slice(start - first, stop - start)
+            schema = pf.schema_arrow if cols is None else pa.schema([pf.schema_arrow.field(c) for c in cols])
+            if not groups:
+                table = schema.empty_table()
+            elif first == start and last == stop:
+                table = pf.read_row_groups(groups, columns=cols)  # planned on group boundaries: no waste
+            else:
+                # A shard inside a row group larger than a shard: stream the group in small batches and keep
+                # only this shard's rows, so memory stays at the shard's size, not the group's.
+                batches = pf.iter_batches(batch_size=_STREAM_BATCH_ROWS, row_groups=groups, columns=cols)
+                table = _concat(_slice_batches(batches, start - first, stop - first), schema)
     elif fmt == "hf":
         import pyarrow.ipc as ipc
 
@@ -382,6 +405,99 @@ def _cell_bytes(array: pa.Array) -> Any:
         offsets = array.offsets.to_numpy()
         return totals[offsets[1:]] - totals[offsets[:-1]]
     return np.zeros(len(array), dtype=np.int64)
+
+
+def read_shard(
+    spec: InputSpec, fragment: Fragment, start: int, stop: int, *, columns: Sequence[str] | None
+) -> pa.Table:
+    """`read_range` for a planned shard: the file must still be the one the plan saw (size and mtime/etag)
+    and give exactly the planned rows, or the shard fails with a SourceError naming the file (its rows would
+    otherwise be silently lost, duplicated or mixed with another version's)."""
+    fs, _ = _fs(spec)
+    try:
+        info = fs.info(fragment.path)
+    except FileNotFoundError:
+        raise SourceError(
+            f"input file {fragment.rel!r} was deleted after the job was planned; restore it, or rerun the "
+            "job to plan the input as it is now (with --overwrite if the output must match the new input)"
+        ) from None
+    size, version = int(info.get("size") or 0), _version(info)
+    if size != fragment.size or version != fragment.version:
+        raise SourceError(
+            f"input file {fragment.rel!r} changed after the job was planned (size {fragment.size} → {size}, "
+            f"version {fragment.version!r} → {version!r}); its rows cannot be read as planned. Rerun the job "
+            "to plan the new content (the changed input changes the job fingerprint: --overwrite recomputes)"
+        )
+    table = read_range(spec, fragment, start, stop, columns=columns)
+    if table.num_rows != stop - start:
+        raise SourceError(
+            f"input file {fragment.rel!r} gave {table.num_rows} rows for rows [{start}, {stop}) where the plan "
+            f"counted {stop - start}; the file changed while the job ran. Rerun the job to plan it anew"
+        )
+    return table
+
+
+def resolve_format(spec: InputSpec) -> InputSpec:
+    """`spec` with `format` set: from the key, the URI's suffix, or else the files in the folder it names
+    (a folder of `*.parquet` files is parquet; a `datasets` folder with state.json is hf)."""
+    from pipeline.spec import format_from_uri
+
+    if spec.format is not None:
+        return spec
+    try:
+        return dataclasses.replace(spec, format=format_from_uri(spec.uri))  # type: ignore[arg-type]
+    except SpecError:
+        pass
+    fs, root = _fs(spec)
+    try:
+        is_dir = fs.isdir(root)
+    except Exception as e:  # noqa: BLE001 - backend errors (auth, network) reach the user with the URI
+        raise SourceError(f"cannot open input.uri {spec.uri!r}: {type(e).__name__}: {e}") from e
+    if not is_dir:
+        if not fs.exists(root):
+            raise SourceError(
+                f"input.uri {spec.uri!r} does not exist; check the path (and storage_options for remote URIs)"
+            )
+        raise SpecError(
+            "input.format",
+            f"cannot tell the format of {spec.uri!r} from its name; set input.format to one of {list(FORMATS)}",
+        )
+    if fs.exists(posixpath.join(root, "state.json")) or fs.exists(posixpath.join(root, "dataset_dict.json")):
+        return dataclasses.replace(spec, format="hf")
+    found: dict[str, int] = {}
+    for path in fs.find(root):
+        if _is_hidden(posixpath.relpath(path, root)):
+            continue
+        for fmt, suffixes in _SUFFIXES.items():
+            if path.endswith(suffixes):
+                found[fmt] = found.get(fmt, 0) + 1
+    if len(found) == 1:
+        return dataclasses.replace(spec, format=next(iter(found)))  # type: ignore[arg-type]
+    what = ", ".join(f"{n} {fmt}" for fmt, n in sorted(found.items())) or "no data files"
+    raise SpecError(
+        "input.format",
+        f"input.uri {spec.uri!r} is a folder with {what}; set input.format to one of {list(FORMATS)}"
+        + (" (the other files are skipped)" if found else ""),
+    )
+
+
+def content_hashes(spec: InputSpec, fragments: Sequence[Fragment]) -> dict[str, str]:
+    """sha256 of every input file (`--verify-input`): catches files edited in place with the same size and
+    mtime, which the listing (size, mtime/etag) cannot see. Reads the whole input once, in parallel."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, _ = _fs(spec)
+
+    def digest(fragment: Fragment) -> str:
+        h = hashlib.sha256()
+        with fs.open(fragment.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(zip([f.rel for f in fragments], pool.map(digest, fragments), strict=True))
 
 
 def _check_columns(names: Sequence[str], wanted: Sequence[str] | None, fragment: Fragment) -> None:

@@ -59,26 +59,39 @@ class InputSpec:
     uri: str
     format: Format | None = None
     id_column: str | None = None
-    keep_columns: tuple[str, ...] | None = None
+    # Columns copied to the output next to predictions: a list of names, or a mapping input name → output
+    # name to rename one (e.g. {label: gold_label} keeps a column named like a task field).
+    keep_columns: tuple[str, ...] | dict[str, str] | None = None
     shard_rows: int = DEFAULT_SHARD_ROWS
     shard_bytes: int = DEFAULT_SHARD_BYTES
     # The most bytes one row may have (a JSONL line; the text/binary cells of a Parquet, CSV or HF row).
     # A larger row becomes an error record; a JSONL line is skipped in blocks, never held whole.
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
-    # Passed to fsspec (e.g. {"endpoint_url": ..., "key": ..., "secret": ...} for S3).
+    # Passed to fsspec (e.g. {"endpoint_url": ..., "key": ..., "secret": ...} for S3). Never written anywhere.
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # An input with no rows is an error (a wrong glob, an empty day) unless this says it is expected.
+    allow_empty: bool = False
+    # Only the first N rows (in plan order): a trial run. Part of the fingerprint (it changes which rows exist).
+    limit: int | None = None
 
     def resolved_format(self) -> str:
-        """The format, from the key or else from the URI's suffix."""
+        """The format, from the key or else from the URI's suffix (`sources.resolve_format` also looks
+        inside a folder)."""
         if self.format is not None:
             return self.format
         return format_from_uri(self.uri)
 
     def kept(self) -> tuple[str, ...]:
-        """Columns copied to the output next to predictions."""
+        """Input columns copied to the output next to predictions."""
+        return tuple(self.kept_as())
+
+    def kept_as(self) -> dict[str, str]:
+        """Input column → its name in the output."""
+        if isinstance(self.keep_columns, dict):
+            return dict(self.keep_columns)
         if self.keep_columns is not None:
-            return self.keep_columns
-        return (self.id_column,) if self.id_column else ()
+            return {c: c for c in self.keep_columns}
+        return {self.id_column: self.id_column} if self.id_column else {}
 
 
 @dataclass(frozen=True)
@@ -179,6 +192,12 @@ def format_from_uri(uri: str, *, key: str = "input.format") -> str:
     raise SpecError(
         key, f"cannot tell the format of {uri!r} from its name; set {key} to one of {list(FORMATS)}"
     )
+
+
+def _has_suffix(uri: str) -> bool:
+    """Whether the URI's last part names a file (a dot in it) rather than a folder."""
+    last = uri.rstrip("/").rsplit("/", 1)[-1]
+    return "." in last.lstrip(".") and not uri.endswith("/")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -316,8 +335,14 @@ def _validate(spec: JobSpec) -> JobSpec:
             f"this version runs one stage per job, got {len(spec.stages)}; split the stages into separate "
             "jobs (the output of one job can be the input of the next)",
         )
-    spec.input.resolved_format()  # raises with the fix if the format cannot be told
+    if _has_suffix(spec.input.uri):
+        spec.input.resolved_format()  # raises with the fix if the format cannot be told
+    # else: a folder; `sources.resolve_format` looks at its files before the job starts
     _positive("input.shard_rows", spec.input.shard_rows)
+    _positive("input.limit", spec.input.limit)
+    renamed = list(spec.input.kept_as().values())
+    if len(set(renamed)) != len(renamed):
+        raise SpecError("input.keep_columns", f"two kept columns get the same output name: {renamed}")
     _positive("input.shard_bytes", spec.input.shard_bytes)
     _positive("input.max_row_bytes", spec.input.max_row_bytes)
     if not 0.0 <= spec.max_error_rate <= 1.0:

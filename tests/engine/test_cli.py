@@ -19,7 +19,7 @@ def test_every_shipped_example_spec_validates():
     specs = sorted(EXAMPLES.rglob("*.yaml"))
     assert len(specs) >= 2
     for path in specs:
-        assert main(["validate", str(path)]) == 0, path
+        assert main(["validate", "--spec-only", str(path)]) == 0, path
 
 
 def test_spec_error_names_the_key_and_exits_2(tmp_path, capsys):
@@ -94,5 +94,5 @@ def test_run_then_status_then_error_rate_exit_code(ray_session, tiny_model, tmp_
     err = capsys.readouterr().err
     # The job stops early once it can no longer pass, so the count covers the shards it ran.
     assert re.search(r"\d+ of \d+ rows failed", err) and "max_error_rate" in err and "Traceback" not in err
-    assert main(["status", str(tmp_path / "out-bad")]) == 0
+    assert main(["status", str(tmp_path / "out-bad")]) == 1  # a failed output: non-zero
     assert "failed" in capsys.readouterr().out

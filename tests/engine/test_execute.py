@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.commit import read_errors, read_output
+from pipeline.commit import OutputDir, read_errors, read_output
 from pipeline.errors import ErrorRateExceeded, FingerprintMismatch, SpecError
 from pipeline.execute import run_inference
 from pipeline.spec import parse_spec
@@ -135,11 +135,15 @@ def test_jsonl_broken_lines_and_mixed_types_are_error_records(ray_session, tiny_
     )
     result = run_inference(spec, progress=False)
     assert (result.rows_ok, result.rows_error) == (28, 2)
-    errors = {r["id"]: r for r in read_errors(str(tmp_path / "out")).to_pylist()}
-    # A broken line has no readable id: its error record falls back to <file>:<row>.
-    assert set(errors) == {"in.jsonl:3", "8"}
+    table = read_errors(str(tmp_path / "out"))
+    # The id column keeps the input id column's name and type, so errors join back to the input.
+    assert table.schema.field("id").type == pa.int64()
+    errors = {(r["input_file"], r["input_row"]): r for r in table.to_pylist()}
+    # A broken line has no readable id: its record has a null id and says where the row is.
+    assert set(errors) == {("in.jsonl", 3), ("in.jsonl", 8)}
+    assert errors[("in.jsonl", 3)]["id"] is None and errors[("in.jsonl", 8)]["id"] == 8
     assert {e["stage"] for e in errors.values()} == {"read"}
-    assert "holds a int" in errors["8"]["message"]
+    assert "holds a int" in errors[("in.jsonl", 8)]["message"]
 
 
 def test_max_error_rate_exceeded_fails_loudly(ray_session, tiny_model, tmp_path):
@@ -163,11 +167,11 @@ def test_resume_recomputes_only_uncommitted_shards(ray_session, tiny_model, tmp_
     second = run_inference(spec, progress=False)
     assert second.state == "succeeded"
     assert (second.shards_skipped, second.shards_run) == (3, second.shards_total - 3)
-    shards = second.manifest["shards"]
+    shards = OutputDir(str(tmp_path / "out")).committed()
     by_run = {}
     for rec in shards.values():
-        by_run.setdefault(rec["run_id"], 0)
-        by_run[rec["run_id"]] += 1
+        by_run.setdefault(rec.run_id, 0)
+        by_run[rec.run_id] += 1
     assert by_run == {first.run_id: 3, second.run_id: second.shards_total - 3}
     third = run_inference(spec, progress=False)
     assert third.shards_run == 0 and third.rows_ok == 400

@@ -114,6 +114,12 @@ def test_output_is_a_standard_hf_folder(finetuned: FinetuneResult) -> None:
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "train_metrics.json", "_SUCCESS"} <= names
     assert not names & {"train_state.pt", "_checkpoints"}  # resume state stays out of the published model
+    # `shardwise status` reads fine-tune outputs: the manifest lists the published files, all present.
+    from pipeline.status import output_status
+
+    info = output_status(str(out))
+    assert (info["kind"], info["state"], info["epochs"], info["problems"]) == ("finetune", "succeeded", 3, [])
+    assert "model.safetensors" in json.loads((out / "_manifest.json").read_text())["files"]
     model = AutoModelForSequenceClassification.from_pretrained(out, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.id2label == {0: "neg", 1: "pos"}
@@ -246,16 +252,18 @@ def test_missing_label_column_and_null_text_name_their_keys(
 
 
 @pytest.mark.timeout(60)
-def test_error_if_exists_refuses_any_content(
+def test_a_folder_with_foreign_files_is_refused_in_every_mode(
     tmp_path: Path, base_model: Path, data: dict[str, Path], monkeypatch
 ) -> None:
     monkeypatch.setattr("jobs.finetune.init_ray", _no_ray)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "notes.txt").write_text("mine")
     spec = finetune_spec(tmp_path, base=base_model, train_uri=data["train"])
-    spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, mode="error-if-exists"))
-    with pytest.raises(OutputError, match="error-if-exists"):
-        run_finetune(spec, progress=False)
+    for mode in ("error-if-exists", "overwrite", "resume"):
+        spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, mode=mode))
+        with pytest.raises(OutputError, match=r"did not write \(notes.txt\)"):
+            run_finetune(spec, progress=False)
+    assert (tmp_path / "model" / "notes.txt").read_text() == "mine"  # never deleted, even by overwrite
 
 
 def test_label_names_from_the_data() -> None:

@@ -38,11 +38,16 @@ def _preds(ids: list[str]) -> pa.Table:
     )
 
 
+FP = "fp"
+
+
 def _errors(ids: list[str]) -> pa.Table:
     n = len(ids)
     return pa.table(
         {
             "id": ids,
+            "input_file": ["in.parquet"] * n,
+            "input_row": list(range(n)),
             "stage": ["preprocess"] * n,
             "error_type": ["InvalidInput"] * n,
             "message": ["input 'text' is null"] * n,
@@ -89,7 +94,7 @@ def test_commit_writes_part_errors_and_record(out_uri: tuple[str, dict[str, Any]
     """One shard → its predictions, its error records and a commit record that describes the part file."""
     out = _out(out_uri)
     preds, errs = _preds(["a", "b", "c"]), _errors(["d"])
-    rec = out.commit_shard("00003", run_id="run-1", predictions=preds, errors=errs)
+    rec = out.commit_shard("00003", run_id="run-1", fingerprint=FP, predictions=preds, errors=errs)
 
     assert _names(out) == ["_errors", "_shards", "part-00003.parquet"]
     assert _names(out, "_errors") == ["part-00003.parquet"]
@@ -104,7 +109,7 @@ def test_commit_writes_part_errors_and_record(out_uri: tuple[str, dict[str, Any]
 
 def test_commit_without_bad_rows_writes_no_error_file(out_uri: tuple[str, dict[str, Any]]) -> None:
     out = _out(out_uri)
-    rec = out.commit_shard("00000", run_id="r", predictions=_preds(["a"]), errors=NO_ERRORS)
+    rec = out.commit_shard("00000", run_id="r", fingerprint=FP, predictions=_preds(["a"]), errors=NO_ERRORS)
     assert rec.rows_error == 0 and rec.rows_in == 1
     assert "_errors" not in _names(out)
     assert read_errors(out_uri[0], storage_options=out_uri[1]).num_rows == 0
@@ -114,11 +119,11 @@ def test_repeated_commit_is_idempotent(out_uri: tuple[str, dict[str, Any]]) -> N
     """A retried task rewrites the same names with the same bytes: one part file, same checksum."""
     out = _out(out_uri)
     preds, errs = _preds([f"r{i}" for i in range(50)]), _errors(["x", "y"])
-    first = out.commit_shard("00001", run_id="attempt-1", predictions=preds, errors=errs)
+    first = out.commit_shard("00001", run_id="attempt-1", fingerprint=FP, predictions=preds, errors=errs)
     part1 = out.fs.cat_file(out.path("part-00001.parquet"))
     err1 = out.fs.cat_file(out.path("_errors", "part-00001.parquet"))
     second = OutputDir(out_uri[0], storage_options=out_uri[1]).commit_shard(
-        "00001", run_id="attempt-2", predictions=preds, errors=errs
+        "00001", run_id="attempt-2", fingerprint=FP, predictions=preds, errors=errs
     )
     assert out.fs.cat_file(out.path("part-00001.parquet")) == part1
     assert out.fs.cat_file(out.path("_errors", "part-00001.parquet")) == err1
@@ -131,7 +136,9 @@ def test_repeated_commit_is_idempotent(out_uri: tuple[str, dict[str, Any]]) -> N
 def test_local_commit_leaves_no_temp_files(tmp_path: Path) -> None:
     out = OutputDir(str(tmp_path / "out"))
     for i in range(3):
-        out.commit_shard(f"{i:05d}", run_id="r", predictions=_preds(["a"]), errors=_errors(["b"]))
+        out.commit_shard(
+            f"{i:05d}", run_id="r", fingerprint=FP, predictions=_preds(["a"]), errors=_errors(["b"])
+        )
     leftovers = [p for p in (tmp_path / "out").rglob("*") if ".tmp-" in p.name]
     assert leftovers == []
 
@@ -141,14 +148,14 @@ def test_local_commit_that_dies_before_rename_is_invisible(
 ) -> None:
     """A task killed mid-commit leaves no file that a Parquet reader of the output would pick up."""
     out = OutputDir(str(tmp_path / "out"))
-    out.commit_shard("00000", run_id="r", predictions=_preds(["a", "b"]), errors=NO_ERRORS)
+    out.commit_shard("00000", run_id="r", fingerprint=FP, predictions=_preds(["a", "b"]), errors=NO_ERRORS)
 
     def killed(src: str, dst: str) -> None:
         raise OSError("killed")
 
     monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(OSError, match="killed"):
-        out.commit_shard("00001", run_id="r", predictions=_preds(["c"]), errors=NO_ERRORS)
+        out.commit_shard("00001", run_id="r", fingerprint=FP, predictions=_preds(["c"]), errors=NO_ERRORS)
     monkeypatch.undo()
     assert sorted(pq.read_table(tmp_path / "out").column("id").to_pylist()) == ["a", "b"]
     assert sorted(out.committed()) == ["00000"]
@@ -158,7 +165,7 @@ def test_local_commit_that_dies_before_rename_is_invisible(
 @pytest.mark.parametrize("compression", ["zstd", "snappy", "gzip", "none"])
 def test_compression_is_applied(tmp_path: Path, compression: str) -> None:
     out = OutputDir(str(tmp_path / "out"), compression=compression)
-    out.commit_shard("00000", run_id="r", predictions=_preds(["a", "b"]), errors=NO_ERRORS)
+    out.commit_shard("00000", run_id="r", fingerprint=FP, predictions=_preds(["a", "b"]), errors=NO_ERRORS)
     meta = pq.ParquetFile(tmp_path / "out" / "part-00000.parquet").metadata
     expected = "UNCOMPRESSED" if compression == "none" else compression.upper()
     assert meta.row_group(0).column(0).compression == expected
@@ -174,7 +181,7 @@ def test_output_dir_pickles_without_its_filesystem(tmp_path: Path) -> None:
         {"auto_mkdir": True},
         "gzip",
     )
-    clone.commit_shard("00000", run_id="r", predictions=_preds(["a"]), errors=NO_ERRORS)
+    clone.commit_shard("00000", run_id="r", fingerprint=FP, predictions=_preds(["a"]), errors=NO_ERRORS)
     assert set(out.committed()) == {"00000"}
 
 
@@ -185,7 +192,7 @@ def test_committed_ignores_a_record_without_its_part_file(out_uri: tuple[str, di
     """A record is trusted only with its part file: a lost part means the shard is computed again."""
     out = _out(out_uri)
     for sid in ("00000", "00001", "00002"):
-        out.commit_shard(sid, run_id="r", predictions=_preds([sid]), errors=NO_ERRORS)
+        out.commit_shard(sid, run_id="r", fingerprint=FP, predictions=_preds([sid]), errors=NO_ERRORS)
     out.fs.rm(out.path("part-00001.parquet"))
     out.write_bytes("_shards/notes.txt", b"not a record")
     assert sorted(out.committed()) == ["00000", "00002"]
@@ -194,7 +201,7 @@ def test_committed_ignores_a_record_without_its_part_file(out_uri: tuple[str, di
 def test_committed_needs_the_record(out_uri: tuple[str, dict[str, Any]]) -> None:
     """A part file without a record (a task that died before its record) is not committed."""
     out = _out(out_uri)
-    out.commit_shard("00000", run_id="r", predictions=_preds(["a"]), errors=NO_ERRORS)
+    out.commit_shard("00000", run_id="r", fingerprint=FP, predictions=_preds(["a"]), errors=NO_ERRORS)
     out.write_bytes("part-00001.parquet", out.fs.cat_file(out.path("part-00000.parquet")))
     assert sorted(out.committed()) == ["00000"]
 
@@ -212,15 +219,15 @@ def test_driver_sees_commits_of_other_processes(out_uri: tuple[str, dict[str, An
     """
     uri, opts = out_uri
     driver = OutputDir(uri, storage_options=opts)
-    driver.write_manifest({"fingerprint": "fp", "fingerprint_parts": {}})
-    driver.commit_shard("00000", run_id="r", predictions=_preds(["a"]), errors=NO_ERRORS)
+    driver.write_manifest({"format": 2, "kind": "inference", "fingerprint": "fp", "fingerprint_parts": {}})
+    driver.commit_shard("00000", run_id="r", fingerprint=FP, predictions=_preds(["a"]), errors=NO_ERRORS)
     assert set(driver.prepare(fingerprint="fp", parts={}, mode="resume")) == {"00000"}
     worker = (
         "import json, sys, pyarrow as pa\n"
         "from pipeline.commit import ERROR_SCHEMA, OutputDir\n"
         "out = OutputDir(sys.argv[1], storage_options=json.loads(sys.argv[2]))\n"
         "for sid in ('00001', '00002'):\n"
-        "    out.commit_shard(sid, run_id='w', predictions=pa.table({'id': [sid]}), errors=ERROR_SCHEMA.empty_table())\n"
+        "    out.commit_shard(sid, run_id='w', fingerprint='fp', predictions=pa.table({'id': [sid]}), errors=ERROR_SCHEMA.empty_table())\n"
     )
     subprocess.run([sys.executable, "-c", worker, uri, json.dumps(opts)], cwd=REPO, check=True, timeout=120)
     assert sorted(driver.committed()) == ["00000", "00001", "00002"]
@@ -252,7 +259,9 @@ def _job(params: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
 
 def _start(out: OutputDir, fp: str, parts: dict[str, Any]) -> None:
     """What the driver does after prepare(): record the job in the manifest."""
-    out.write_manifest({"fingerprint": fp, "fingerprint_parts": parts, "state": "running"})
+    out.write_manifest(
+        {"format": 2, "kind": "inference", "fingerprint": fp, "fingerprint_parts": parts, "state": "running"}
+    )
 
 
 def test_resume_returns_committed_shards_of_the_same_job(out_uri: tuple[str, dict[str, Any]]) -> None:
@@ -261,7 +270,7 @@ def test_resume_returns_committed_shards_of_the_same_job(out_uri: tuple[str, dic
     assert out.prepare(fingerprint=fp, parts=parts, mode="resume") == {}
     _start(out, fp, parts)
     recs = {
-        sid: out.commit_shard(sid, run_id="r1", predictions=_preds([sid]), errors=NO_ERRORS)
+        sid: out.commit_shard(sid, run_id="r1", fingerprint=fp, predictions=_preds([sid]), errors=NO_ERRORS)
         for sid in ("00000", "00002")
     }
     again = OutputDir(out_uri[0], storage_options=out_uri[1])
@@ -274,7 +283,7 @@ def test_resume_refuses_a_different_job(out_uri: tuple[str, dict[str, Any]]) -> 
     out = _out(out_uri)
     fp, parts = _job({"top_k": 1})
     _start(out, fp, parts)
-    out.commit_shard("00000", run_id="r", predictions=_preds(["a"]), errors=NO_ERRORS)
+    out.commit_shard("00000", run_id="r", fingerprint=FP, predictions=_preds(["a"]), errors=NO_ERRORS)
     fp2, parts2 = _job({"top_k": 2})
     with pytest.raises(FingerprintMismatch) as info:
         out.prepare(fingerprint=fp2, parts=parts2, mode="resume")
@@ -297,7 +306,7 @@ def test_mismatch_names_every_changed_part(out_uri: tuple[str, dict[str, Any]]) 
 
 def test_mismatch_with_a_manifest_without_parts(out_uri: tuple[str, dict[str, Any]]) -> None:
     out = _out(out_uri)
-    out.write_manifest({"fingerprint": "0" * 64})
+    out.write_manifest({"format": 2, "kind": "inference", "fingerprint": "0" * 64})
     fp, parts = _job()
     with pytest.raises(FingerprintMismatch, match="--overwrite"):
         out.prepare(fingerprint=fp, parts=parts, mode="resume")
@@ -307,7 +316,7 @@ def test_overwrite_removes_everything(out_uri: tuple[str, dict[str, Any]]) -> No
     out = _out(out_uri)
     fp, parts = _job()
     _start(out, fp, parts)
-    out.commit_shard("00000", run_id="r", predictions=_preds(["a"]), errors=_errors(["b"]))
+    out.commit_shard("00000", run_id="r", fingerprint=FP, predictions=_preds(["a"]), errors=_errors(["b"]))
     out.write_success()
     fp2, parts2 = _job({"top_k": 3})
     assert out.prepare(fingerprint=fp2, parts=parts2, mode="overwrite") == {}
@@ -321,7 +330,7 @@ def test_error_if_exists(out_uri: tuple[str, dict[str, Any]]) -> None:
     fp, parts = _job()
     assert out.prepare(fingerprint=fp, parts=parts, mode="error-if-exists") == {}
     _start(out, fp, parts)
-    with pytest.raises(OutputError, match="already has content") as info:
+    with pytest.raises(OutputError, match="error-if-exists") as info:
         out.prepare(fingerprint=fp, parts=parts, mode="error-if-exists")
     assert "'resume'" in str(info.value) and "'overwrite'" in str(info.value)
 
@@ -334,19 +343,22 @@ def test_error_if_exists_accepts_an_empty_local_directory(tmp_path: Path) -> Non
 
 def test_resume_refuses_records_without_a_manifest(out_uri: tuple[str, dict[str, Any]]) -> None:
     out = _out(out_uri)
-    out.commit_shard("00000", run_id="r", predictions=_preds(["a"]), errors=NO_ERRORS)
+    out.commit_shard("00000", run_id="r", fingerprint=FP, predictions=_preds(["a"]), errors=NO_ERRORS)
     fp, parts = _job()
-    with pytest.raises(OutputError, match="no _manifest.json") as info:
-        out.prepare(fingerprint=fp, parts=parts, mode="resume")
-    assert "--overwrite" in str(info.value)
+    for mode in ("resume", "overwrite"):  # no manifest: not provably ours, so not deleted either
+        with pytest.raises(OutputError, match="no _manifest.json"):
+            out.prepare(fingerprint=fp, parts=parts, mode=mode)
+    assert out.exists("part-00000.parquet")
 
 
 def test_resume_refuses_foreign_parquet_files(out_uri: tuple[str, dict[str, Any]]) -> None:
     out = _out(out_uri)
     out.write_bytes("data.parquet", b"PAR1")
     fp, parts = _job()
-    with pytest.raises(OutputError, match="not written by shardwise"):
-        out.prepare(fingerprint=fp, parts=parts, mode="resume")
+    for mode in ("resume", "overwrite", "error-if-exists"):
+        with pytest.raises(OutputError, match=r"did not write \(data.parquet\)"):
+            out.prepare(fingerprint=fp, parts=parts, mode=mode)
+    assert out.exists("data.parquet")
 
 
 # --- manifest, _SUCCESS, reading back --------------------------------------------------------------------
@@ -371,9 +383,13 @@ def test_manifest_and_success_marker(out_uri: tuple[str, dict[str, Any]]) -> Non
 def test_read_output_and_errors_in_shard_order(out_uri: tuple[str, dict[str, Any]]) -> None:
     uri, opts = out_uri
     out = _out(out_uri)
-    out.commit_shard("00002", run_id="r", predictions=_preds(["e", "f"]), errors=_errors(["g"]))
-    out.commit_shard("00000", run_id="r", predictions=_preds(["a", "b"]), errors=NO_ERRORS)
-    out.commit_shard("00001", run_id="r", predictions=_preds(["c", "d"]), errors=_errors(["x", "y"]))
+    out.commit_shard(
+        "00002", run_id="r", fingerprint=FP, predictions=_preds(["e", "f"]), errors=_errors(["g"])
+    )
+    out.commit_shard("00000", run_id="r", fingerprint=FP, predictions=_preds(["a", "b"]), errors=NO_ERRORS)
+    out.commit_shard(
+        "00001", run_id="r", fingerprint=FP, predictions=_preds(["c", "d"]), errors=_errors(["x", "y"])
+    )
     out.write_manifest({"fingerprint": "abc"})
     out.write_success()
     table = read_output(uri, storage_options=opts)
@@ -395,8 +411,10 @@ def test_read_output_of_nothing(out_uri: tuple[str, dict[str, Any]]) -> None:
 def test_output_directory_reads_as_a_parquet_dataset(tmp_path: Path) -> None:
     """Any Parquet reader pointed at the output reads just the predictions (`_` entries are skipped)."""
     out = OutputDir(str(tmp_path / "out"))
-    out.commit_shard("00000", run_id="r", predictions=_preds(["a", "b"]), errors=_errors(["c"]))
-    out.commit_shard("00001", run_id="r", predictions=_preds(["d"]), errors=NO_ERRORS)
+    out.commit_shard(
+        "00000", run_id="r", fingerprint=FP, predictions=_preds(["a", "b"]), errors=_errors(["c"])
+    )
+    out.commit_shard("00001", run_id="r", fingerprint=FP, predictions=_preds(["d"]), errors=NO_ERRORS)
     out.write_manifest({"fingerprint": "abc"})
     out.write_success()
     assert sorted(pq.read_table(tmp_path / "out").column("id").to_pylist()) == ["a", "b", "d"]
