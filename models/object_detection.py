@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from models.images import DEFAULT_MAX_PIXELS, check_max_pixels
+from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
 
 __all__ = [
@@ -100,11 +101,7 @@ class _Runner:
         self.torch = torch
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
-        self.model = (
-            AutoModelForObjectDetection.from_pretrained(model_dir, dtype=self.dtype, use_safetensors=True)
-            .to(self.device)
-            .eval()
-        )
+        self.model = load_pretrained(AutoModelForObjectDetection, model_dir, device=device, dtype=dtype)
         self.norm = pixel_norm(load_image_processor(model_dir))
 
     def length(self, features: Mapping[str, Any]) -> int:

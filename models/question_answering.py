@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
 
 __all__ = [
@@ -223,13 +224,7 @@ class _Runner:
 
         self.torch = torch
         self.device = torch.device(device)
-        self.model = (
-            AutoModelForQuestionAnswering.from_pretrained(
-                model_dir, dtype=getattr(torch, dtype), use_safetensors=True
-            )
-            .to(self.device)
-            .eval()
-        )
+        self.model = load_pretrained(AutoModelForQuestionAnswering, model_dir, device=device, dtype=dtype)
         tokenizer = _load_fast_tokenizer(model_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.uses_types = "token_type_ids" in tokenizer.model_input_names

@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from models.loading import load_pretrained
 from models.registry import RowError
+from models.text import clip_text
 
 __all__ = [
     "Seq2SeqParams",
@@ -201,7 +203,8 @@ class _Preprocessor:
         for i, value in enumerate(values):
             if isinstance(value, str):
                 ok.append(i)
-                texts.append(value)
+                # Truncating: only what the kept tokens come from (a 50 MB row costs milliseconds).
+                texts.append(clip_text(value, self.settings.max_input) if self.truncation else value)
             else:
                 what = "null" if value is None else f"a {type(value).__name__}"
                 out[i] = RowError("InvalidInput", f"input 'text' is {what}; expected a string")
@@ -226,13 +229,7 @@ class _Runner:
 
         self.torch = torch
         self.device = torch.device(device)
-        self.model = (
-            AutoModelForSeq2SeqLM.from_pretrained(
-                model_dir, dtype=getattr(torch, dtype), use_safetensors=True
-            )
-            .to(self.device)
-            .eval()
-        )
+        self.model = load_pretrained(AutoModelForSeq2SeqLM, model_dir, device=device, dtype=dtype)
         tokenizer = _load_tokenizer(model_dir)
         self.settings = _resolve(model_dir, task, params, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

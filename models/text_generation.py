@@ -42,7 +42,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from models.loading import load_pretrained
 from models.registry import ROW_ID, RowError, parse_params_dataclass, register_task
+from models.text import clip_text
 
 __all__ = ["CausalLMTrainable", "CausalLMTrainOptions", "TextGeneration", "TextGenerationParams", "row_seed"]
 
@@ -234,6 +236,10 @@ class _Preprocessor:
                     out[i] = RowError("InvalidInput", f"input 'text' is {what}; expected a string")
                 else:
                     ok.append(i)
+                    if self.params.handle_long_generation == "hole":
+                        # The prompt keeps at most `context` tokens from its end (see _features): tokenize
+                        # only what they come from, so a 50 MB prompt costs milliseconds.
+                        value = clip_text(value, self.settings.context, keep="end")
                     texts.append(self.settings.prefix + value)
             if ok:
                 encoded = self.tokenizer(texts)["input_ids"]
@@ -386,11 +392,7 @@ class _Runner:
 
         self.torch = torch
         self.device = torch.device(device)
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True)
-            .to(self.device)
-            .eval()
-        )
+        self.model = load_pretrained(AutoModelForCausalLM, model_dir, device=device, dtype=dtype)
         tokenizer = _load_tokenizer(model_dir)
         self.settings = _resolve(model_dir, params, tokenizer)
         self.params = params

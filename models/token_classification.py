@@ -30,7 +30,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
+from models.text import clip_text
 
 __all__ = [
     "TokenClassification",
@@ -150,8 +152,10 @@ class _Preprocessor:
         if not ok_rows:
             return out
         # The pipeline's tokenizer call, batched. Windows are padded per row below, not across the batch.
+        # Without windows the text is truncated: tokenize only what the kept tokens come from. Offsets of a
+        # prefix are the offsets in the whole text. With `stride` every window is used, so the whole text is.
         enc = self.tokenizer(
-            [texts[i] for i in ok_rows],
+            [texts[i] if self.stride is not None else clip_text(texts[i], self.max_length) for i in ok_rows],
             truncation=True,
             max_length=self.max_length,
             return_special_tokens_mask=True,
@@ -187,13 +191,7 @@ class _Runner:
 
         self.torch = torch
         self.device = torch.device(device)
-        self.model = (
-            AutoModelForTokenClassification.from_pretrained(
-                model_dir, dtype=getattr(torch, dtype), use_safetensors=True
-            )
-            .to(self.device)
-            .eval()
-        )
+        self.model = load_pretrained(AutoModelForTokenClassification, model_dir, device=device, dtype=dtype)
         tokenizer = _load_fast_tokenizer(model_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 

@@ -245,13 +245,11 @@ def _describe(fs: Any, path: str, rel: str, info: dict[str, Any], fmt: str, spec
         offsets: list[int] = []
         rows = 0
         with fs.open(path, "rb", compression=_compression(path)) as f:
-            pos = 0
-            for line in f:
-                if line.strip():
-                    if rows % every == 0:
-                        offsets.append(pos)
-                    rows += 1
-                pos += len(line)
+            # A line over max_row_bytes is a row too (its error record comes from the worker's read).
+            for pos, _, _ in _jsonl_lines(f, spec.max_row_bytes):
+                if rows % every == 0:
+                    offsets.append(pos)
+                rows += 1
         return Fragment(path, rel, size, version, rows, size / max(rows, 1), tuple(offsets), every)
     if fmt == "csv":
         rows = 0
@@ -369,9 +367,10 @@ def read_range(
         if cols is not None:
             table = table.select(cols)
     elif fmt == "jsonl":
-        table, errors = _read_jsonl(fs, fragment, start, stop, cols)
+        table, errors = _read_jsonl(fs, fragment, start, stop, cols, max_row_bytes=spec.max_row_bytes)
     else:
         raise SourceError(f"unknown input.format {fmt!r}")
+    table, errors = _bound_rows(table, errors, spec, start)
     n = table.num_rows
     rows = pa.array(range(start, start + n), pa.int64())
     if spec.id_column is not None:
@@ -393,6 +392,65 @@ def read_range(
     return table.append_column(
         READ_ERROR, pa.array(errors if errors is not None else [None] * n, pa.string())
     )
+
+
+def _bound_rows(
+    table: pa.Table, errors: list[str | None] | None, spec: InputSpec, start: int
+) -> tuple[pa.Table, list[str | None] | None]:
+    """Rows whose text/binary cells hold more than input.max_row_bytes become read errors, and those cells
+    become null, so an oversized cell goes no further than the read (its error record keeps the row's id)."""
+    if table.num_rows == 0:
+        return table, errors
+    import numpy as np
+    import pyarrow.compute as pc
+
+    sizes = np.zeros(table.num_rows, dtype=np.int64)  # (rows,)
+    for column in table.columns:
+        sizes += np.concatenate([_cell_bytes(chunk) for chunk in column.chunks])
+    big = sizes > spec.max_row_bytes
+    if not big.any():
+        return table, errors
+    errors = list(errors) if errors is not None else [None] * table.num_rows
+    for i in np.flatnonzero(big):
+        if errors[i] is None:
+            errors[i] = (
+                f"row {start + int(i)} has {int(sizes[i])} bytes of text/binary cells, more than "
+                f"input.max_row_bytes ({spec.max_row_bytes} bytes); raise input.max_row_bytes or fix the file"
+            )
+    mask = pa.array(big)
+    for name in table.column_names:
+        if name != spec.id_column:
+            column = table.column(name)
+            nulled = pc.if_else(mask, pa.nulls(table.num_rows, column.type), column)
+            table = table.set_column(table.schema.get_field_index(name), name, nulled)
+    return table, errors
+
+
+def _cell_bytes(array: pa.Array) -> Any:
+    """Bytes of text/binary data in each cell of `array` (nested lists and structs summed; other types 0):
+    (len(array),) int64."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    t = array.type
+    if (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+    ):
+        return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_struct(t):
+        out = np.zeros(len(array), dtype=np.int64)
+        for child in array.flatten():
+            out += _cell_bytes(child)
+        return out
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        # Offsets index the whole child array (`values` ignores a slice of the parent; offsets do not).
+        totals = np.concatenate([[0], np.cumsum(_cell_bytes(array.values))])
+        offsets = array.offsets.to_numpy()
+        return totals[offsets[1:]] - totals[offsets[:-1]]
+    return np.zeros(len(array), dtype=np.int64)
 
 
 def read_shard(
@@ -499,25 +557,63 @@ def _check_columns(names: Sequence[str], wanted: Sequence[str] | None, fragment:
         )
 
 
+# A line longer than max_row_bytes is skipped in reads of this size. 1 MiB keeps a skip cheap (a few dozen
+# reads for a 50 MB line) and the memory it holds small.
+_LINE_BLOCK = 1 << 20
+_NON_SPACE = re.compile(rb"\S")
+
+
+def _jsonl_lines(f: Any, max_row_bytes: int, *, offset: int = 0) -> Any:
+    """(file offset, line, size in bytes) for each non-blank line of a binary file.
+
+    `line` is None for a line over `max_row_bytes` (its newline not counted): it is read in blocks that are
+    dropped as they come, so no more than `max_row_bytes` of one line is ever held. fsspec's remote files
+    have no `readline(limit)`; a BufferedReader over them (or over a local or compressed file) has, in C.
+    """
+    import io
+
+    reader = io.BufferedReader(f, buffer_size=_LINE_BLOCK)  # type: ignore[arg-type]
+    while line := reader.readline(max_row_bytes + 1):  # + 1: the newline
+        size = len(line)
+        if size > max_row_bytes and not line.endswith(b"\n"):  # over the limit: skip to its end
+            blank = _NON_SPACE.search(line) is None
+            line = b""  # drop it before reading on
+            while part := reader.readline(_LINE_BLOCK):
+                size += len(part)
+                blank = blank and _NON_SPACE.search(part) is None
+                if part.endswith(b"\n"):
+                    break
+            if not blank:
+                yield offset, None, size - 1 if part.endswith(b"\n") else size
+        elif _NON_SPACE.search(line) is not None:  # (not strip(): no copy of a long line)
+            yield offset, line, size
+        offset += size
+
+
 def _read_jsonl(
-    fs: Any, fragment: Fragment, start: int, stop: int, cols: list[str] | None
+    fs: Any, fragment: Fragment, start: int, stop: int, cols: list[str] | None, *, max_row_bytes: int
 ) -> tuple[pa.Table, list[str | None]]:
-    """Parse rows line by line so that one broken line is one error row, not a failed shard."""
+    """Parse rows line by line so that one broken (or over-long) line is one error row, not a failed shard."""
     anchor = start // fragment.offset_every if fragment.offset_every else 0
     compression = _compression(fragment.path)
     records: list[dict[str, Any]] = []
     errors: list[str | None] = []
     with fs.open(fragment.path, "rb", compression=compression) as f:
-        row = 0
+        row, offset = 0, 0
         if fragment.offsets and compression is None:
-            f.seek(fragment.offsets[anchor - fragment.offsets_base])
+            offset = fragment.offsets[anchor - fragment.offsets_base]
+            f.seek(offset)
             row = anchor * fragment.offset_every
-        for line in f:
-            if not line.strip():
-                continue
+        for _, line, size in _jsonl_lines(f, max_row_bytes, offset=offset):
             if row >= stop:
                 break
-            if row >= start:
+            if row >= start and line is None:
+                records.append({})
+                errors.append(
+                    f"row {row} (blank lines not counted) is {size} bytes, more than input.max_row_bytes "
+                    f"({max_row_bytes} bytes); raise input.max_row_bytes or fix the file"
+                )
+            elif row >= start:
                 try:
                     value = json.loads(line)
                     if not isinstance(value, dict):

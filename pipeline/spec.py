@@ -46,6 +46,10 @@ Device = Literal["auto", "cpu", "cuda"]
 DEFAULT_SHARD_ROWS = 4096
 # Bounds the memory a shard holds in the object store: images/audio make rows large.
 DEFAULT_SHARD_BYTES = 64 * 1024 * 1024
+# A row larger than this is an error record, never read (JSONL) or passed on whole: one runaway row (a
+# file with no newlines, a 1 GB cell) must not take a worker's memory. 64 MiB is far above any text a model
+# reads and holds a large photo or minutes of audio.
+DEFAULT_MAX_ROW_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class InputSpec:
     keep_columns: tuple[str, ...] | dict[str, str] | None = None
     shard_rows: int = DEFAULT_SHARD_ROWS
     shard_bytes: int = DEFAULT_SHARD_BYTES
+    # The most bytes one row may have (a JSONL line; the text/binary cells of a Parquet, CSV or HF row).
+    # A larger row becomes an error record; a JSONL line is skipped in blocks, never held whole.
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
     # Passed to fsspec (e.g. {"endpoint_url": ..., "key": ..., "secret": ...} for S3). Never written anywhere.
     storage_options: dict[str, Any] = field(default_factory=dict)
     # An input with no rows is an error (a wrong glob, an empty day) unless this says it is expected.
@@ -337,6 +344,7 @@ def _validate(spec: JobSpec) -> JobSpec:
     if len(set(renamed)) != len(renamed):
         raise SpecError("input.keep_columns", f"two kept columns get the same output name: {renamed}")
     _positive("input.shard_bytes", spec.input.shard_bytes)
+    _positive("input.max_row_bytes", spec.input.max_row_bytes)
     if not 0.0 <= spec.max_error_rate <= 1.0:
         raise SpecError("max_error_rate", f"must be between 0 and 1, got {spec.max_error_rate}")
     for i, stage in enumerate(spec.stages):
