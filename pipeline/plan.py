@@ -169,6 +169,7 @@ def fingerprint(
             "shard_rows": spec.input.shard_rows,
             "shard_bytes": spec.input.shard_bytes,
             "limit": spec.input.limit,
+            "max_row_bytes": spec.input.max_row_bytes,  # decides which rows become errors
             # Non-secret storage options only (endpoint, region): a rotated key is the same job.
             "storage": options_digest(spec.input.storage_options),
             "files": [[f.rel, f.size, f.version, f.num_rows] for f in fragments],
