@@ -32,7 +32,7 @@ def _write_days(root: Path, reviews: list[str], days: range, per_day: int) -> No
         rows = [reviews[i % len(reviews)] for i in ids]  # the real reviews, cycled to the day's size
         path = root / f"date=2026-11-{day:02d}" / "part-0.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "text": rows}), path)
+        pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "text": rows}), path, row_group_size=512)
 
 
 def _spec(root: Path, out: Path, model: Path, mode: str) -> dict[str, Any]:

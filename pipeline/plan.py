@@ -59,15 +59,25 @@ def plan_shards(spec: JobSpec, fragments: list[Fragment], *, notes: list[str] | 
     `input.limit` keeps the first rows of the plan only.
     """
     ranges: list[tuple[Fragment, int, int]] = []
+    big_groups: list[tuple[str, int, int]] = []  # (file, largest row group, rows per shard)
     for frag in fragments:
         if frag.num_rows == 0:
             continue
         by_bytes = max(1, int(spec.input.shard_bytes // max(frag.row_bytes, 1.0)))
         per_shard = min(spec.input.shard_rows, by_bytes)
         if frag.row_groups and sum(frag.row_groups) == frag.num_rows:
-            ranges.extend(_group_ranges(frag, per_shard, notes))
+            ranges.extend(_group_ranges(frag, per_shard, big_groups))
         else:
             ranges.extend((frag, a, b) for a, b in _equal_pieces(0, frag.num_rows, per_shard))
+    if big_groups and notes is not None:
+        rel, biggest, per_shard = max(big_groups, key=lambda g: g[1])
+        which = f"{rel!r}" if len(big_groups) == 1 else f"{len(big_groups)} files (e.g. {rel!r})"
+        notes.append(
+            f"{which} {'has' if len(big_groups) == 1 else 'have'} row groups of up to {biggest:,} rows, "
+            f"{biggest // per_shard}× a shard ({per_shard:,} rows): each shard streams through its group, so "
+            "reading costs more than it should. Rewrite with smaller row groups, e.g. "
+            f"pyarrow.parquet.write_table(table, path, row_group_size={per_shard})"
+        )
     if spec.input.limit is not None:
         ranges = _first_rows(ranges, spec.input.limit)
     if spec.output.mode == "incremental":
@@ -103,7 +113,9 @@ def _equal_pieces(start: int, stop: int, per_shard: int) -> list[tuple[int, int]
 _BIG_GROUP_FACTOR = 4
 
 
-def _group_ranges(frag: Fragment, per_shard: int, notes: list[str] | None) -> list[tuple[Fragment, int, int]]:
+def _group_ranges(
+    frag: Fragment, per_shard: int, big_groups: list[tuple[str, int, int]]
+) -> list[tuple[Fragment, int, int]]:
     out: list[tuple[Fragment, int, int]] = []
     start = pos = 0
     biggest = 0
@@ -121,13 +133,8 @@ def _group_ranges(frag: Fragment, per_shard: int, notes: list[str] | None) -> li
         pos += rows
     if pos > start:
         out.append((frag, start, pos))
-    if notes is not None and biggest > _BIG_GROUP_FACTOR * per_shard:
-        notes.append(
-            f"{frag.rel!r} has row groups of up to {biggest:,} rows, {biggest // per_shard}× a shard "
-            f"({per_shard:,} rows): each shard streams through its group, so reading costs more than it "
-            f"should. Rewrite the file with smaller row groups, e.g. pyarrow.parquet.write_table(table, path, "
-            f"row_group_size={per_shard})"
-        )
+    if biggest > _BIG_GROUP_FACTOR * per_shard:
+        big_groups.append((frag.rel, biggest, per_shard))
     return out
 
 
