@@ -7,7 +7,7 @@ Tasks that live outside this package (a plugin, a test-only task) are found thro
 variable `SHARDWISE_TASK_MODULES`: comma-separated module names, imported after the built-in ones on the
 first lookup, e.g. `SHARDWISE_TASK_MODULES=mypkg.my_task`. Every process that looks tasks up needs it —
 the driver and the Ray workers: set it before the cluster starts (workers inherit the environment of the
-process that started it) or pass it in `runtime_env={"env_vars": {...}}` when joining a cluster.
+process that started it; for a running cluster, on every node before `ray start`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from tests.engine import faulty_task
 from tests.engine.readback import errors_by_id, predictions_by_id
 from tests.helpers import job_dict, make_texts, write_texts_parquet
 
-pytestmark = pytest.mark.timeout(240)
+# Two jobs each; generous for a loaded shared machine (measured ~25 s per test when it is idle).
+pytestmark = pytest.mark.timeout(480)
 
 N = 60  # three 20-row shards
 # row id → (marker word, stage of its error record, error_type, message)
