@@ -227,9 +227,14 @@ def _scrubbed(error: BaseException, storage_options: dict[str, Any]) -> str:
 
 
 def _sha256_file(path: Path) -> str:
-    """sha256 of a file, cached by (path, size, mtime) so reruns of a big model do not re-read it."""
+    """sha256 of a file, cached by (path, size, mtime, inode, ctime) so reruns of a big model do not re-read it.
+
+    ctime is in the key because mtime alone can be set back (`os.utime`, `cp -p`, `rsync -t`, `touch -d`):
+    weights rewritten in place with the same size and a restored mtime would otherwise keep the old hash,
+    and resume would mix outputs of two models. Any write or utime moves ctime, and it cannot be set back."""
     st = path.stat()
-    memo_key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_dev}|{st.st_ino}|{st.st_ctime_ns}"
+    memo_key = hashlib.sha256(stamp.encode()).hexdigest()
     memo = cache_dir() / "hashes" / memo_key
     if memo.exists():
         return memo.read_text()

@@ -2,6 +2,12 @@
 
 Adding a task touches no engine file: write `models/<task>.py`, decorate its class, list the module in
 `_TASK_MODULES`. Registering a name twice is an error; an unknown name lists the valid ones.
+
+Tasks that live outside this package (a plugin, a test-only task) are found through the environment
+variable `SHARDWISE_TASK_MODULES`: comma-separated module names, imported after the built-in ones on the
+first lookup, e.g. `SHARDWISE_TASK_MODULES=mypkg.my_task`. Every process that looks tasks up needs it —
+the driver and the Ray workers: set it before the cluster starts (workers inherit the environment of the
+process that started it; for a running cluster, on every node before `ray start`).
 """
 
 from __future__ import annotations
@@ -9,14 +15,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import os
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from pipeline.errors import SpecError
+from pipeline.errors import ShardwiseError, SpecError
 
 __all__ = [
     "ROW_ID",
+    "TASK_MODULES_ENV",
     "Postprocessor",
     "Preprocessor",
     "RowError",
@@ -45,6 +53,9 @@ _TASK_MODULES = (
     "models.audio_classification",
     "models.automatic_speech_recognition",
 )
+
+# Extra task modules (comma-separated), imported after `_TASK_MODULES`: the plugin hook described above.
+TASK_MODULES_ENV = "SHARDWISE_TASK_MODULES"
 
 # Key of the row ids in the columns a Preprocessor receives (same name as the block column).
 ROW_ID = "__id"
@@ -121,11 +132,23 @@ def register_task(name: str) -> Callable[[type], type]:
     return deco
 
 
+def _extra_modules() -> list[str]:
+    return [m.strip() for m in os.environ.get(TASK_MODULES_ENV, "").split(",") if m.strip()]
+
+
 def _load_all() -> None:
     global _loaded
     if not _loaded:
         for module in _TASK_MODULES:
             importlib.import_module(module)
+        for module in _extra_modules():
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ShardwiseError(
+                    f"{TASK_MODULES_ENV} names module {module!r}, which cannot be imported ({e}); fix the "
+                    "module name or the Python path (every Ray worker needs it too), or unset the variable"
+                ) from e
         _loaded = True
 
 

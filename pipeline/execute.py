@@ -159,7 +159,10 @@ def _isolate(
         results = []
         for i in range(n):
             try:
-                results.extend(fn({k: v[i : i + 1] for k, v in columns.items()}))
+                out = fn({k: v[i : i + 1] for k, v in columns.items()})
+                if len(out) != 1:  # a row without a result (or with two) must not shift the rows after it
+                    raise RuntimeError(f"returned {len(out)} results for 1 rows")
+                results.extend(out)
             except Exception as e:  # noqa: BLE001
                 from models.registry import RowError
 

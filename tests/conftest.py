@@ -7,6 +7,7 @@ their real request path (signing, multipart, listings) rather than an in-process
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,8 @@ import pytest
 # Credentials moto accepts; nothing here can reach a real AWS account (the endpoint is local).
 _S3_KEY = "testing"
 _S3_SECRET = "testing"
+# Test-only tasks the Ray workers must find (models/registry.py imports them through SHARDWISE_TASK_MODULES).
+_TEST_TASK_MODULES = ("tests.engine.faulty_task",)
 
 
 @pytest.fixture(scope="session")
@@ -70,11 +73,19 @@ def s3_bucket(s3_storage_options: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """An embedded Ray cluster with 4 logical CPUs: 2 replicas + a read task + a commit task always fit."""
+    """An embedded Ray cluster with 4 logical CPUs: 2 replicas + a read task + a commit task always fit.
+
+    Its workers inherit this process's environment as it is when the cluster starts, so the test-only
+    tasks are added to SHARDWISE_TASK_MODULES first (kept for the session: a CLI subprocess that starts its own cluster sees them too).
+    """
     import ray
 
+    from models.registry import TASK_MODULES_ENV
     from pipeline.execute import init_ray
 
-    init_ray(address=None, num_cpus=4)
-    yield ray
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        modules = [m for m in os.environ.get(TASK_MODULES_ENV, "").split(",") if m.strip()]
+        mp.setenv(TASK_MODULES_ENV, ",".join(dict.fromkeys([*modules, *_TEST_TASK_MODULES])))
+        init_ray(address=None, num_cpus=4)
+        yield ray
+        ray.shutdown()

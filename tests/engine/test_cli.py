@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from jobs.cli import main
+from pipeline.commit import OutputDir
+from tests.engine.readback import assert_each_id_once, errors_by_id, predictions_by_id
 from tests.helpers import job_dict, make_texts, write_texts_parquet
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "jobs" / "examples"
@@ -64,6 +66,7 @@ def test_run_then_status_then_error_rate_exit_code(ray_session, tiny_model, tmp_
     )
     assert main(["run", str(path), "--no-progress"]) == 0
     assert "80 rows ok, 0 errors" in capsys.readouterr().out
+    assert_each_id_once(str(tmp_path / "out"), range(80))
     assert main(["status", str(tmp_path / "out"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info == {
@@ -94,5 +97,16 @@ def test_run_then_status_then_error_rate_exit_code(ray_session, tiny_model, tmp_
     err = capsys.readouterr().err
     # The job stops early once it can no longer pass, so the count covers the shards it ran.
     assert re.search(r"\d+ of \d+ rows failed", err) and "max_error_rate" in err and "Traceback" not in err
+    # The shards it committed (row ranges of the file: together one run of ids from either end) hold each
+    # of their rows once, the null rows as error records and the others as predictions.
+    preds, errors = predictions_by_id(str(tmp_path / "out-bad")), errors_by_id(str(tmp_path / "out-bad"))
+    ids = sorted(set(preds) | set(errors))
+    assert (
+        len(ids)
+        == len(preds) + len(errors)
+        == sum(r.rows_in for r in OutputDir(str(tmp_path / "out-bad")).committed().values())
+    )
+    assert ids == list(range(ids[0], ids[-1] + 1)) and (ids[0] == 0 or ids[-1] == 79)
+    assert all(i % 4 for i in preds) and all(i % 4 == 0 for i in errors)
     assert main(["status", str(tmp_path / "out-bad")]) == 1  # a failed output: non-zero
     assert "failed" in capsys.readouterr().out

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.commit import OutputDir, read_errors
+from tests.engine.readback import assert_each_id_once
 from tests.helpers import job_dict, make_texts, write_texts_parquet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,8 +62,9 @@ def test_job_runs_on_a_two_node_cluster_via_address(tiny_model, tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
-        assert (
-            manifest["state"] == "succeeded" and manifest["rows_ok"] == 300 and manifest["shards_done"] == 6
-        )
+        assert (manifest["state"], manifest["rows_ok"], manifest["rows_error"]) == ("succeeded", 300, 0)
+        assert len(OutputDir(str(tmp_path / "out")).committed()) == 6
+        assert_each_id_once(str(tmp_path / "out"), range(300))
+        assert not read_errors(str(tmp_path / "out")).num_rows
     finally:
         cluster.shutdown()

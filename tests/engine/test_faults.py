@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.commit import OutputDir, read_errors, read_output
+from pipeline.commit import OutputDir, read_output
 from pipeline.execute import run_inference
 from pipeline.spec import parse_spec
+from tests.engine.readback import assert_each_id_once, errors_by_id, predictions_by_id
 from tests.helpers import job_dict, make_texts, write_texts_parquet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,30 +50,30 @@ def _wait_for(predicate, *, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.slow
+@pytest.mark.timeout(480)  # the killed run plus a clean run to compare with, on a shared 2-core machine
 def test_replica_sigkilled_mid_job_loses_and_duplicates_nothing(ray_session, tiny_model, tmp_path):
     n = 1500
     texts: list = make_texts(n, seed=20, max_words=80)
     for i in range(0, n, 100):
         texts[i] = None  # some bad rows too: counts must still add up
     write_texts_parquet(tmp_path / "in.parquet", texts)
-    spec = parse_spec(
-        job_dict(
-            input_uri=str(tmp_path / "in.parquet"),
-            output_uri=str(tmp_path / "out"),
-            model=str(tiny_model),
-            max_error_rate=0.05,
-            stages=[
-                {
-                    "name": "s",
-                    "task": "text-classification",
-                    "model": str(tiny_model),
-                    "inputs": {"text": "text"},
-                    "batch_size": 1,
-                }
-            ],
-        )
+    job = job_dict(
+        input_uri=str(tmp_path / "in.parquet"),
+        output_uri=str(tmp_path / "out"),
+        model=str(tiny_model),
+        max_error_rate=0.05,
+        stages=[
+            {
+                "name": "s",
+                "task": "text-classification",
+                "model": str(tiny_model),
+                "inputs": {"text": "text"},
+                "batch_size": 1,
+            }
+        ],
     )
+    spec = parse_spec(job)
     outcome: dict = {}
 
     def run() -> None:
@@ -97,10 +98,23 @@ def test_replica_sigkilled_mid_job_loses_and_duplicates_nothing(ray_session, tin
     result = outcome["result"]
     assert killed and committed_at_kill < result.shards_total, "the kill must land mid-job"
     assert result.rows_in == n and result.rows_ok + result.rows_error == n and result.rows_error == n // 100
-    ids = read_output(str(out)).column("id").to_pylist() + [
-        int(i) for i in read_errors(str(out)).column("id").to_pylist()
-    ]
-    assert len(ids) == len(set(ids)) == n
+    assert_each_id_once(str(out), range(n))
+    assert set(errors_by_id(str(out))) == set(range(0, n, 100))
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["state"] == "succeeded" and (out / "_SUCCESS").exists()
+    assert (manifest["rows_ok"], manifest["rows_error"]) == (n - n // 100, n // 100)
+    # The rows a killed replica had in flight were recomputed: same predictions as an undisturbed run
+    # (same batch_size, so the same micro-batches and the same numbers).
+    clean_job = {**job, "output": {"uri": str(tmp_path / "clean")}}
+    clean_job["stages"] = [{**job["stages"][0], "replicas": 2}]  # speed only: predictions do not depend on it
+    clean = run_inference(parse_spec(clean_job), progress=False)
+    assert clean.rows_ok == result.rows_ok
+    got, want = predictions_by_id(str(out)), predictions_by_id(str(tmp_path / "clean"))
+    assert set(got) == set(want)
+    assert [got[i]["label"] for i in sorted(want)] == [want[i]["label"] for i in sorted(want)]
+    assert [got[i]["score"] for i in sorted(want)] == pytest.approx(
+        [want[i]["score"] for i in sorted(want)], abs=1e-6
+    )
 
 
 def _write_spec(path: Path, spec: dict) -> Path:
