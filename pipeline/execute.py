@@ -251,11 +251,12 @@ def postprocess_commit(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
         preds: list[dict[str, Any]] = []
         ok_idx: list[int] = []
         errors: list[tuple[str, str] | None] = [None] * table.num_rows
+        missing: list[tuple[str, str] | None] = [None] * table.num_rows
         for i in range(table.num_rows):
             if stages[i] is not None:
                 continue
-            if outputs[i] is None:
-                errors[i] = ("MissingOutput", "the replica returned no output for this row")
+            if outputs[i] is None:  # the replica's forward gave nothing for it: a forward error
+                missing[i] = ("MissingOutput", "the replica returned no output for this row")
                 continue
             try:
                 row = postprocess(
@@ -266,6 +267,7 @@ def postprocess_commit(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
                 continue
             preds.append(row)
             ok_idx.append(i)
+        table = set_errors(table, "forward", missing)
         table = set_errors(table, "postprocess", errors)
         # Typed indices: a shard whose rows all failed has none, and an empty list is null-typed.
         predictions = _predictions_table(table.take(pa.array(ok_idx, pa.int64())), preds, schema, job)
@@ -283,6 +285,11 @@ def postprocess_commit(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
             ],
             schema=error_schema(pa.field(id_column, ids.type) if id_column is not None else None),
         )
+        if predictions.num_rows + errors_table.num_rows != table.num_rows:  # never commit a lost row
+            raise JobFailed(
+                f"shard {shard_id}: {table.num_rows} rows in, but {predictions.num_rows} predictions and "
+                f"{errors_table.num_rows} error records out; this is a bug in shardwise, please report it"
+            )
         rec = out_dir.commit_shard(
             shard_id,
             run_id=job["run_id"],
