@@ -135,7 +135,7 @@ def test_inference_on_the_finetuned_detr_matches_the_pipeline(ray_session, finet
     )
     result = run_inference(spec, progress=False)
     assert (result.rows_ok, result.rows_error) == (18, 1)
-    assert read_errors(str(tmp_path / "out")).column("id").to_pylist() == ["18"]
+    assert read_errors(str(tmp_path / "out")).column("id").to_pylist() == [18]  # typed like the input ids
     rows = read_output(str(tmp_path / "out")).sort_by("id").to_pylist()
     worst = 0.0
     for row, exp in zip(rows, expected, strict=True):

@@ -214,7 +214,7 @@ def test_job_parity_and_error_records(
     result = run_inference(spec, progress=False)
     assert (result.rows_ok, result.rows_error) == (59, 1)
     assert [(e["id"], e["error_type"]) for e in read_errors(str(tmp_path / "out")).to_pylist()] == [
-        ("7", "InvalidInput")
+        (7, "InvalidInput")
     ]
     rows = read_output(str(tmp_path / "out")).sort_by("id").to_pylist()
     field = "summary_text" if task == "summarization" else "translation_text"
