@@ -118,6 +118,9 @@ def evaluate(
             f"the predictions in {output!r} have no id column {id_out!r}; was the output edited?"
         )
     # What to fetch: the labels, and for token classification the text the tags refer to.
+    asked = labels
+    if labels not in kept and labels in kept.values() and input_uri is None:
+        labels = next(c for c, name in kept.items() if name == labels)  # the kept column's output name
     wanted: dict[str, str | None] = {labels: "required"}
     text_column = stage.get("inputs", {}).get("text") if task == "token-classification" else None
     if text_column:
@@ -161,7 +164,7 @@ def evaluate(
     report = {
         "task": task,
         "output": output,
-        "labels": labels,
+        "labels": asked,
         "labels_from": labels_from,
         "state": manifest.get("state"),
         "rows_scored": counts["rows_scored"],

@@ -56,7 +56,7 @@ def test_text_classification_labels_kept_in_output(tmp_path, capsys):
     preds = pa.table(
         {
             "id": pa.array([1, 2, 3, 4], pa.int64()),
-            "gold": ["pos", "pos", "neg", "neg"],
+            "gold": ["pos", "pos", "neg", "neg"],  # the input's `label` column, kept renamed
             "label": ["pos", "neg", "neg", "neg"],
             "score": [0.9, 0.8, 0.7, 0.6],
         }
@@ -68,13 +68,17 @@ def test_text_classification_labels_kept_in_output(tmp_path, capsys):
         job_input={
             "uri": str(tmp_path / "missing.parquet"),
             "id_column": "id",
-            "keep_columns": ["id", "gold"],
+            "keep_columns": {"id": "id", "label": "gold"},
         },
         predictions=preds,
         error_ids=pa.array([5], pa.int64()),
         id_field=pa.field("id", pa.int64()),
     )
     report_file = tmp_path / "report.json"
+    # the kept column by its input name: the same labels
+    assert main(["evaluate", str(tmp_path / "out"), "--labels", "label"]) == 0
+    assert _eval_json(tmp_path / "out")["metrics"]["accuracy"] == pytest.approx(0.75)
+    # ... and by its name in the output
     assert main(["evaluate", str(tmp_path / "out"), "--labels", "gold", "-o", str(report_file)]) == 0
     report = _eval_json(tmp_path / "out")
     assert report["task"] == "text-classification"
