@@ -1,4 +1,4 @@
-"""`shardwise` command line: run | status | tasks | validate | submit | jobs | schedule.
+"""`shardwise` command line: run | status | tasks | validate | submit | jobs | schedule | evaluate.
 
 Exit codes: 0 success; 1 the job ran and failed (error rate, a failed stage); 2 the request is wrong (spec
 errors, missing files, refused output, an output held by another run, a damaged manifest). `status` exits
@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
     _add_cluster_parsers(sub)
+    _add_evaluate_parser(sub)
     return p
 
 
@@ -111,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tasks(args)
         if args.command == "validate":
             return _validate(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
         if args.command in _CLUSTER_COMMANDS:
             return _CLUSTER_COMMANDS[args.command](args)
     except (ErrorRateExceeded, JobFailed) as e:
@@ -443,6 +446,51 @@ def _schedule(args: argparse.Namespace) -> int:
 
 
 _CLUSTER_COMMANDS = {"submit": _submit, "jobs": _jobs, "schedule": _schedule}
+
+
+def _add_evaluate_parser(sub: Any) -> None:
+    ev = sub.add_parser(
+        "evaluate", help="score an inference output against a labelled column (task metrics, per class)"
+    )
+    ev.add_argument("output", help="the inference job's output.uri")
+    ev.add_argument(
+        "--labels",
+        required=True,
+        metavar="COLUMN",
+        help="the labelled column (kept in the output, or in the input)",
+    )
+    ev.add_argument(
+        "--input",
+        default=None,
+        metavar="URI",
+        help="read the labels from this input (default: the job's input)",
+    )
+    ev.add_argument("--task", default=None, help="score as this task (default: the output's task)")
+    ev.add_argument(
+        "--label-names",
+        default=None,
+        metavar="A,B,...",
+        help="names of integer label ids, in id order (labels stored as fine-tune ids)",
+    )
+    ev.add_argument(
+        "-o", dest="out_file", default=None, metavar="FILE", help="also write the JSON report here"
+    )
+    ev.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from jobs.evaluate import EVAL_FILE, evaluate, format_table
+
+    names = args.label_names.split(",") if args.label_names else None
+    report = evaluate(
+        args.output, labels=args.labels, input_uri=args.input, task=args.task, label_names=names
+    )
+    text = json.dumps(report, indent=1, sort_keys=True)
+    if args.out_file:
+        with open(args.out_file, "w") as f:
+            f.write(text + "\n")
+    print(text if args.json else f"{format_table(report)}\nwritten to {args.output.rstrip('/')}/{EVAL_FILE}")
+    return 0
 
 
 if __name__ == "__main__":

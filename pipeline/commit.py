@@ -66,7 +66,8 @@ COMPACT_EVERY = 10_000
 _IO_THREADS = 16
 
 # What shardwise writes in an inference output and may delete there (`overwrite`); anything else is not ours.
-_OWN_INFERENCE = ("part-*.parquet", ERRORS, SHARDS, MANIFEST, SUCCESS, LEASE, "_runs", ".*.tmp-*")
+# `_metrics` holds what `shardwise evaluate` wrote beside the predictions (jobs/evaluate.py).
+_OWN_INFERENCE = ("part-*.parquet", ERRORS, SHARDS, MANIFEST, SUCCESS, LEASE, "_runs", "_metrics", ".*.tmp-*")
 # ... in a fine-tune output, besides the model files its manifest lists.
 _OWN_FINETUNE = (MANIFEST, SUCCESS, LEASE, "_checkpoints", ".staging-*", ".*.tmp-*", "train_metrics.json")
 
