@@ -82,7 +82,19 @@ def init_ray(*, address: str | None, num_cpus: int | None = None, num_gpus: int 
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
+        if _is_loopback_address(address):
+            # A cluster on this machine, addressed by loopback: ray.init would swap 127.0.0.1 for the host's
+            # IP, which a cluster bound to loopback does not answer on. Stay on loopback.
+            with _loopback_node():
+                ray.init(
+                    address=address,
+                    runtime_env=env,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                    _node_ip_address=LOOPBACK,
+                )
+        else:
+            ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
         _route_ray_logs()
         return
     shutdown_embedded()  # leftovers of an earlier embedded cluster that someone else disconnected
@@ -204,6 +216,12 @@ def _gcs_address() -> str:
     import ray
 
     return str(ray.get_runtime_context().gcs_address)
+
+
+def _is_loopback_address(address: str) -> bool:
+    """`127.0.0.1:6379`, `localhost:6379`, `ray://127.0.0.1:10001`, `[::1]:6379` (not `auto`)."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 @contextlib.contextmanager
