@@ -287,9 +287,7 @@ def test_job_sampling_same_rows_same_texts_across_shardings(
         result = run_inference(spec, progress=False)
         assert (result.rows_ok, result.rows_error) == (39, 1)
         errors = read_errors(str(tmp_path / out)).to_pylist()
-        assert [(e["id"], e["stage"], e["error_type"]) for e in errors] == [
-            (5, "preprocess", "InvalidInput")
-        ]
+        assert [(e["id"], e["stage"], e["error_type"]) for e in errors] == [(5, "preprocess", "InvalidInput")]
         return read_output(str(tmp_path / out)).sort_by("id").to_pylist()
 
     a = job("a", shard_rows=40, batch_size=8)
