@@ -4,6 +4,7 @@ records, a changed input, empty inputs and corrupt manifests — each probe of t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -267,3 +268,27 @@ def test_input_shortened_mid_run_fails_naming_the_file(ray_session, tiny_model, 
     with pytest.raises(ShardwiseError, match="input"):
         run_inference(spec, progress=False)
     assert run_inference(spec, progress=False, overwrite=True).rows_ok == 290
+
+
+def test_verify_input_catches_an_edit_in_place(ray_session, tiny_model, tmp_path):
+    """Rows edited in place with the same size and mtime are invisible to the listing (the fingerprint and
+    each shard's identity check pass); --verify-input hashes the files and refuses to resume over them."""
+    path = tmp_path / "data" / "in.jsonl"
+    path.parent.mkdir()
+    rows = [json.dumps({"id": i, "text": t}) for i, t in enumerate(make_texts(80, seed=6))]
+    path.write_text("\n".join(rows) + "\n")
+    spec = parse_spec(
+        {**_spec(tmp_path, tiny_model), "input": {"uri": str(path), "id_column": "id", "shard_rows": 40}}
+    )
+    first = run_inference(spec, progress=False, verify_input=True)  # records the files' sha256
+    assert first.rows_ok == 80
+    st = path.stat()
+    edited = rows[:]
+    edited[3] = rows[3].replace('"text": "', '"text": "X', 1)[:-3] + rows[3][-2:]  # same length, new text
+    assert len(edited[3]) == len(rows[3]) and edited[3] != rows[3]
+    path.write_text("\n".join(edited) + "\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert run_inference(spec, progress=False).shards_run == 0  # the listing cannot tell
+    with pytest.raises(ShardwiseError, match=r"\['in.jsonl'\] changed content"):
+        run_inference(spec, progress=False, verify_input=True)
