@@ -29,7 +29,13 @@ from bench.common import machine_info, write_results
 ROOT = Path(__file__).resolve().parents[1]
 
 _DRIVER = r"""
-import json, resource, sys, time
+import json, sys, time
+def peak_rss_mib():
+    # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across fork + exec).
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 from pipeline.execute import run_inference
 from pipeline.spec import parse_spec
 spec = parse_spec(json.loads(sys.argv[1]))
@@ -38,7 +44,7 @@ result = run_inference(spec, progress=False)
 wall = time.perf_counter() - t0
 print(json.dumps({
     "wall_s": wall, "rows": result.rows_in, "rows_run": result.rows_run, "shards_run": result.shards_run,
-    "shards_total": result.shards_total, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "shards_total": result.shards_total, "peak_rss_mib": peak_rss_mib(),
 }))
 """
 
