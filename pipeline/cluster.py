@@ -33,6 +33,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -54,6 +55,8 @@ _EXIT_GRACE_S = 3.0
 # Log files of earlier runs kept in <cache>/logs (one per CLI run).
 _KEEP_LOGS = 20
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# <time>-<pid>.log: the names quiet_console writes, the only ones it ever deletes.
+_LOG_NAME = re.compile(r"\d{8}T\d{6}-\d+\.log")
 
 
 @dataclass
@@ -309,7 +312,9 @@ def quiet_console(*, log_dir: Path | None = None) -> Path | None:
 
         log_dir = cache_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    for old in sorted(log_dir.glob("*.log"))[:-_KEEP_LOGS]:
+    # Only shardwise's own log names: a cache pointed at a user's folder keeps the user's own *.log files.
+    ours = sorted(p for p in log_dir.glob("*.log") if _LOG_NAME.fullmatch(p.name) and p.is_file())
+    for old in ours[:-_KEEP_LOGS]:
         with contextlib.suppress(OSError):
             old.unlink()
     path = log_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"

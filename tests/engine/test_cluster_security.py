@@ -228,3 +228,23 @@ def test_quiet_console_splits_ray_output_from_shardwise_output(tmp_path):
     assert proc.stderr == "shardwise: 10 rows\n"
     (log,) = tmp_path.glob("*.log")
     assert "core_worker.cc:1: from C++" in log.read_text()
+
+
+def test_log_rotation_deletes_only_shardwise_logs(tmp_path):
+    """The log folder may sit in a user's folder (SHARDWISE_CACHE): rotation keeps the newest 20 of
+    shardwise's own `<time>-<pid>.log` files and never touches other files."""
+    code = (
+        "import pathlib, sys\n"
+        "from pipeline.cluster import quiet_console\n"
+        f"quiet_console(log_dir=pathlib.Path({str(tmp_path)!r}))\n"
+    )
+    for i in range(25):
+        (tmp_path / f"20260101T0000{i:02d}-1.log").write_text("old")
+    (tmp_path / "notes.log").write_text("mine")
+    (tmp_path / "20260101-mine.log").write_text("mine too")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "notes.log" in names and "20260101-mine.log" in names
+    ours = [n for n in names if n.startswith("20260101T")]
+    assert ours == [f"20260101T0000{i:02d}-1.log" for i in range(5, 25)]  # the 5 oldest went
+    assert len([n for n in names if n.startswith("2026120")]) <= 1  # this run's own file
