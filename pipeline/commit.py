@@ -174,12 +174,18 @@ class OutputDir:
         protocol = self.fs.protocol
         return bool({"s3", "s3a"} & set(protocol if isinstance(protocol, tuple) else (protocol,)))
 
-    def _local_tmp(self, path: str) -> str:
+    def _local_tmp(self, path: str, data: bytes) -> str:
+        """`data` written and synced to a hidden temp file beside `path` (then renamed or linked into place)."""
         import os
 
         os.makedirs(posixpath.dirname(path), exist_ok=True)
         # A leading "." hides a temp file that a killed task leaves behind from Parquet readers of the output.
-        return posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+        tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Atomic write: readers see the old file or the whole new one, never a partial file."""
@@ -187,12 +193,7 @@ class OutputDir:
         if self._is_local():
             import os
 
-            tmp = self._local_tmp(path)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            os.replace(self._local_tmp(path, data), path)
         else:
             self.fs.pipe_file(path, data)  # one PUT: object stores make it visible whole or not at all
 
@@ -202,11 +203,7 @@ class OutputDir:
         if self._is_local():
             import os
 
-            tmp = self._local_tmp(path)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = self._local_tmp(path, data)
             try:
                 os.link(tmp, path)  # fails if the name exists; the content is complete when it appears
                 return True
