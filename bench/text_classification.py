@@ -478,6 +478,7 @@ def run_benchmark(
     from transformers import AutoConfig, AutoTokenizer
 
     from models.text_classification import effective_max_length
+    from pipeline.bind import bind
     from pipeline.execute import embedded_cpus, init_ray
 
     unknown = sorted(set(cfg.systems) - set(SYSTEMS))
@@ -507,7 +508,7 @@ def run_benchmark(
         if cfg.ray_worker_niceness is not None:
             os.environ["RAY_worker_niceness"] = str(cfg.ray_worker_niceness)  # read by the raylet at start
         try:
-            init_ray(address=None, num_cpus=embedded_cpus(spec), num_gpus=1 if cfg.device == "cuda" else None)
+            init_ray(address=None, num_cpus=embedded_cpus(bind(spec)), num_gpus=1 if cfg.device == "cuda" else None)
         finally:
             if saved is None:
                 os.environ.pop("RAY_worker_niceness", None)

@@ -129,14 +129,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _describe_stages(spec: Any) -> str:
+    if len(spec.stages) == 1:
+        return f"task {spec.stage.task}"
+    return f"{len(spec.stages)} stages: " + ", ".join(f"{s.name} ({s.task})" for s in spec.stages)
+
+
 def _validate(args: argparse.Namespace) -> int:
     """Everything `run` checks before it starts Ray: the spec, the model, the input and its columns, and
     that the output is a safe place to write."""
-    from pipeline.spec import load_spec
+    from pipeline.bind import load_job as load_spec
 
     spec = load_spec(args.spec, args.overrides)
     if args.spec_only:
-        print(f"{args.spec}: spec ok ({spec.kind}, task {spec.stage.task})")
+        print(f"{args.spec}: spec ok ({spec.kind}, {_describe_stages(spec)})")
         return 0
     if spec.kind == "inference":
         from pipeline.execute import preflight
@@ -145,7 +151,7 @@ def _validate(args: argparse.Namespace) -> int:
         for note in prep.notes:
             print(f"shardwise: warning: {note}", file=sys.stderr)
         print(
-            f"{args.spec}: ok (inference, task {spec.stage.task}; {prep.rows_total} rows in "
+            f"{args.spec}: ok (inference, {_describe_stages(spec)}; {prep.rows_total} rows in "
             f"{len(prep.fragments)} file(s), {len(prep.shards)} shards → {spec.output.uri})"
         )
         return 0
@@ -159,7 +165,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.spec import load_spec
+    from pipeline.bind import load_job as load_spec
 
     overrides = list(args.overrides)
     if args.limit is not None:
@@ -223,6 +229,10 @@ def _status(args: argparse.Namespace) -> int:
             f"rows ok {info['rows_ok']}, errors {info['rows_error']}; runs {info['runs']}"
         )
     print(line)
+    stages = info.get("stages") or {}
+    if len(stages) > 1:
+        for name, c in stages.items():
+            print(f"  stage {name}: {c['rows_in']} rows in, {c['rows_ok']} ok, {c['rows_error']} errors")
     if info["holder"]:
         print(f"held by {info['holder']}")
     if state == "interrupted":
@@ -416,7 +426,7 @@ def _schedule(args: argparse.Namespace) -> int:
         install_signal_handlers,
         log_to,
     )
-    from pipeline.spec import load_spec
+    from pipeline.bind import load_job as load_spec
 
     check_cron(args.cron)
     spec = load_spec(args.spec, args.overrides)  # a bad spec is refused before the first tick

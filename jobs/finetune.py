@@ -106,6 +106,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import pyarrow as pa
 
+from pipeline.bind import bind
 from pipeline.commit import OutputDir
 from pipeline.errors import JobFailed, ModelError, OutputError, ShardwiseError, SourceError, SpecError
 from pipeline.execute import init_ray, new_run_id
@@ -657,6 +658,7 @@ def run_finetune(
         raise SpecError(
             "kind", f"run_finetune runs kind: finetune jobs with a 'train' section; got kind {spec.kind!r}"
         )
+    bind(spec)  # the task, its params and training options
     if overwrite:
         spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, mode="overwrite"))
     # A folder input's format comes from its files.

@@ -212,8 +212,8 @@ class Scheduler:
 
 def _output_counts(spec_path: str, overrides: Sequence[str], since: float) -> tuple[int | None, int | None]:
     """rows ok/error from the output's manifest, if this run wrote it (a refused run writes none)."""
+    from pipeline.bind import load_job as load_spec
     from pipeline.commit import OutputDir
-    from pipeline.spec import load_spec
 
     try:
         spec = load_spec(spec_path, overrides)
@@ -267,7 +267,7 @@ class SubprocessRun:
         return cmd
 
     def __call__(self) -> RunSummary:
-        from pipeline.spec import load_spec
+        from pipeline.bind import load_job as load_spec
 
         started = time.time()
         try:

@@ -43,8 +43,9 @@ from typing import Any
 
 import yaml
 
+from pipeline.bind import load_job as load_spec
 from pipeline.errors import ShardwiseError, SpecError
-from pipeline.spec import JobSpec, apply_overrides, load_spec, parse_spec
+from pipeline.spec import JobSpec, apply_overrides, parse_spec
 
 __all__ = [
     "ClusterError",

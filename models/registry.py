@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from pipeline.errors import ShardwiseError, SpecError
+from pipeline.typed import build, type_name
 
 __all__ = [
     "ROW_ID",
@@ -33,6 +34,7 @@ __all__ = [
     "available_tasks",
     "check_inputs",
     "get_task",
+    "input_kind",
     "parse_params_dataclass",
     "register_task",
 ]
@@ -183,11 +185,19 @@ def check_inputs(task: Task, inputs: Mapping[str, str], *, key: str) -> None:
             )
 
 
+# What a task input takes (text, image, audio, messages), by the input's name unless the task says otherwise
+# in an `input_kinds` mapping. A stage that reads an earlier stage's field is checked against it.
+_KIND_BY_NAME = {"image": "image", "audio": "audio", "messages": "messages"}
+
+
+def input_kind(task: Task, name: str) -> str:
+    kinds: Mapping[str, str] = getattr(task, "input_kinds", None) or {}
+    return kinds.get(name) or _KIND_BY_NAME.get(name, "text")
+
+
 def parse_params_dataclass(cls: type, params: Mapping[str, Any], *, key: str) -> Any:
     """Params dataclasses use the same typed loader as the job spec (unknown keys name themselves)."""
-    from pipeline.spec import _build
-
-    return _build(cls, dict(params), key)
+    return build(cls, dict(params), key)
 
 
 def describe_params(cls: type) -> dict[str, str]:
@@ -200,6 +210,4 @@ def describe_params(cls: type) -> dict[str, str]:
 
 
 def _fmt_type(tp: Any) -> str:
-    from pipeline.spec import _type_name
-
-    return _type_name(tp)
+    return type_name(tp)

@@ -71,6 +71,14 @@ class TextGenerationParams:
     # Prompt + max_new_tokens longer than the model's context: "hole" keeps the prompt's last tokens (the
     # pipeline's `handle_long_generation="hole"`); "error" makes the row an error record.
     handle_long_generation: Literal["hole", "error"] = "hole"
+    # A `text` input goes into this template where it says {text} (e.g. "Summarize in one sentence: {text}"):
+    # what a stage that reads an earlier stage's text needs to turn it into an instruction.
+    prompt_template: str | None = None
+    # A `text` input (after the template) becomes one user message through the tokenizer's chat template, as
+    # the pipeline does with [{"role": "user", "content": text}]: what instruct models expect.
+    chat: bool = False
+    # With `chat`: a system message before the user's.
+    system_prompt: str | None = None
 
     def stops(self) -> tuple[str, ...]:
         if self.stop_strings is None:
@@ -228,7 +236,18 @@ class _Preprocessor:
             return [err] * n
         out: list[dict[str, Any] | RowError] = [RowError("", "")] * n
         prompts: dict[int, list[int]] = {}
-        if "text" in columns:
+        if "text" in columns and self.params.chat:
+            for i, value in enumerate(columns["text"]):
+                if not isinstance(value, str):
+                    what = "null" if value is None else f"a {type(value).__name__}"
+                    out[i] = RowError("InvalidInput", f"input 'text' is {what}; expected a string")
+                    continue
+                encoded = self._chat(self._messages(value))
+                if isinstance(encoded, RowError):
+                    out[i] = encoded
+                else:
+                    prompts[i] = encoded
+        elif "text" in columns:
             ok, texts = [], []
             for i, value in enumerate(columns["text"]):
                 if not isinstance(value, str):
@@ -240,7 +259,7 @@ class _Preprocessor:
                         # The prompt keeps at most `context` tokens from its end (see _features): tokenize
                         # only what they come from, so a 50 MB prompt costs milliseconds.
                         value = clip_text(value, self.settings.context, keep="end")
-                    texts.append(self.settings.prefix + value)
+                    texts.append(self.settings.prefix + self._template(value))
             if ok:
                 encoded = self.tokenizer(texts)["input_ids"]
                 prompts = dict(zip(ok, encoded, strict=True))
@@ -250,22 +269,37 @@ class _Preprocessor:
                 if isinstance(messages, RowError):
                     out[i] = messages
                     continue
-                cont = _continues(messages, self.params)
-                try:
-                    enc = self.tokenizer.apply_chat_template(
-                        messages,
-                        add_generation_prompt=not cont,
-                        continue_final_message=cont,
-                        tokenize=True,
-                        return_dict=True,
-                    )
-                except Exception as e:  # noqa: BLE001 - a template that rejects this chat: the row's error
-                    out[i] = RowError("ChatTemplateError", f"the tokenizer's chat template failed: {e}")
-                    continue
-                prompts[i] = list(enc["input_ids"])
+                encoded = self._chat(messages)
+                if isinstance(encoded, RowError):
+                    out[i] = encoded
+                else:
+                    prompts[i] = encoded
         for i, ids in prompts.items():
             out[i] = self._features(ids, ids_col[i])
         return out
+
+    def _template(self, text: str) -> str:
+        template = self.params.prompt_template
+        return text if template is None else template.replace("{text}", text)
+
+    def _messages(self, text: str) -> list[dict[str, Any]]:
+        system = self.params.system_prompt
+        user = {"role": "user", "content": self._template(text)}
+        return [{"role": "system", "content": system}, user] if system is not None else [user]
+
+    def _chat(self, messages: list[dict[str, Any]]) -> list[int] | RowError:
+        cont = _continues(messages, self.params)
+        try:
+            enc = self.tokenizer.apply_chat_template(
+                messages,
+                add_generation_prompt=not cont,
+                continue_final_message=cont,
+                tokenize=True,
+                return_dict=True,
+            )
+        except Exception as e:  # noqa: BLE001 - a template that rejects this chat: the row's error
+            return RowError("ChatTemplateError", f"the tokenizer's chat template failed: {e}")
+        return list(enc["input_ids"])
 
     def _features(self, ids: list[int], row_id: Any) -> dict[str, Any] | RowError:
         s, p = self.settings, self.params
@@ -495,7 +529,11 @@ class _Postprocessor:
         if not self.params.return_full_text:
             return new_text
         if inputs.get("text") is not None:
-            return inputs["text"] + new_text
+            if self.params.chat:
+                return new_text  # the new assistant message's content, as for a chat
+            template = self.params.prompt_template
+            prompt = inputs["text"] if template is None else template.replace("{text}", inputs["text"])
+            return prompt + new_text
         messages = inputs["messages"]
         if _continues(messages, self.params):
             return messages[-1]["content"] + new_text  # the prefilled message, continued
@@ -532,6 +570,13 @@ class TextGeneration:
         for name, ok, what in checks:
             if not ok:
                 raise SpecError(f"{key}.{name}", f"{what}, got {getattr(p, name)!r}")
+        if p.prompt_template is not None and "{text}" not in p.prompt_template:
+            raise SpecError(
+                f"{key}.prompt_template",
+                "must contain {text}, where each row's text goes (e.g. 'Summarize in one sentence: {text}')",
+            )
+        if p.system_prompt is not None and not p.chat:
+            raise SpecError(f"{key}.system_prompt", "is a chat's system message; set chat: true to use it")
         if p.num_return_sequences > 1 and p.do_sample is False:
             raise SpecError(
                 f"{key}.num_return_sequences",

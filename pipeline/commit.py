@@ -3,7 +3,8 @@
 Layout of an output directory (local path or any fsspec URI):
 
     part-<shard>.parquet          predictions of one shard (id, kept columns, task fields)
-    _errors/part-<shard>.parquet  one record per bad row: id, input_file, input_row, stage, error_type, message
+    _errors/part-<shard>.parquet  one record per bad row: id, input_file, input_row, stage, step, error_type,
+                                  message
     _shards/<shard>.json          commit record: fingerprint, rows_in/ok/error, size and sha256 of the parts
     _shards/seg-<run>-<n>.parquet commit records compacted by the driver (every 10,000 shards and at the end)
     _manifest.json                job fingerprint, spec (secrets redacted), state, counts, runs — constant size
@@ -32,6 +33,7 @@ import json
 import posixpath
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
@@ -44,6 +46,8 @@ from pipeline.errors import CorruptOutput, FingerprintMismatch, OutputError
 
 __all__ = [
     "ERROR_SCHEMA",
+    "OUTPUT_FORMAT",
+    "READ_STAGE",
     "Ledger",
     "OutputDir",
     "ShardRecord",
@@ -58,7 +62,10 @@ SHARDS = "_shards"
 ERRORS = "_errors"
 LEASE = "_lease.json"
 # Version of the output layout; a manifest of another format is not resumed.
-OUTPUT_FORMAT = 2
+# 3: error records name the stage and the step; commit records count errors per stage; multi-stage jobs.
+OUTPUT_FORMAT = 3
+# The key of read errors (a row that failed before any stage) in a commit record's `errors_by_stage`.
+READ_STAGE = "(read)"
 # The driver folds this many commit records into one Parquet segment: resume reads a few segments instead
 # of a million small JSON files, and no file grows with the job.
 COMPACT_EVERY = 10_000
@@ -74,13 +81,16 @@ _OWN_FINETUNE = (MANIFEST, SUCCESS, LEASE, "_checkpoints", ".staging-*", ".*.tmp
 
 def error_schema(id_field: pa.Field | None = None) -> pa.Schema:
     """Error records: the row's id under the input id column's name and type (joins back to the input;
-    `id` as text when the input has no id column), where the row is in the input, and what went wrong."""
+    `id` as text when the input has no id column), where the row is in the input, and what went wrong: the
+    stage (its name; null when the row could not be read), the step (read, preprocess, forward,
+    postprocess), the error type and message."""
     return pa.schema(
         [
             id_field if id_field is not None else pa.field("id", pa.string()),
             ("input_file", pa.string()),
             ("input_row", pa.int64()),
             ("stage", pa.string()),
+            ("step", pa.string()),
             ("error_type", pa.string()),
             ("message", pa.string()),
         ]
@@ -103,10 +113,17 @@ class ShardRecord:
     errors_bytes: int
     errors_sha256: str
     committed_at: float
+    # JSON object: error rows per stage name (READ_STAGE for rows that could not be read).
+    errors_by_stage: str = "{}"
+
+    def stage_errors(self) -> dict[str, int]:
+        return json.loads(self.errors_by_stage or "{}")
 
     @staticmethod
     def from_dict(data: Any, *, where: str) -> ShardRecord:
         names = {f.name: f.type for f in fields(ShardRecord)}
+        if isinstance(data, dict) and "errors_by_stage" not in data:
+            data = {**data, "errors_by_stage": "{}"}
         if not isinstance(data, dict) or set(data) != set(names):
             raise CorruptOutput(
                 f"commit record {where} is not a shardwise commit record; delete it to compute that shard "
@@ -121,6 +138,18 @@ class ShardRecord:
                 f"commit record {where} has a bad value ({e}); delete it to compute that shard again, or "
                 "rerun with --overwrite"
             ) from e
+
+
+def changed_parts(before: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fingerprint parts that differ, as deep as a mapping goes: `stages.summarize.model`
+    says which stage changed and what of it."""
+    if isinstance(before, dict) and isinstance(now, dict) and prefix.count(".") < 2:
+        out: list[str] = []
+        for key in list(now) + [k for k in before if k not in now]:
+            out += changed_parts(before.get(key), now.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    same = json.dumps(before, sort_keys=True, default=str) == json.dumps(now, sort_keys=True, default=str)
+    return [] if same else [prefix or "job"]
 
 
 class OutputDir:
@@ -384,16 +413,9 @@ class OutputDir:
         if manifest is None:
             return {}
         if manifest.get("format") != OUTPUT_FORMAT or manifest.get("fingerprint") != fingerprint:
-            before = manifest.get("fingerprint_parts") or {}
-            changed = (
-                ", ".join(
-                    k
-                    for k in parts
-                    if json.dumps(before.get(k), sort_keys=True, default=str)
-                    != json.dumps(parts[k], sort_keys=True, default=str)
-                )
-                or "job"
-            )
+            changed = ", ".join(changed_parts(manifest.get("fingerprint_parts") or {}, parts)[:4]) or "job"
+            if manifest.get("format") != OUTPUT_FORMAT:
+                changed = f"output format ({manifest.get('format')} → {OUTPUT_FORMAT})"
             raise FingerprintMismatch(
                 f"output.uri {self.uri!r} holds results of a different job (fingerprint "
                 f"{str(manifest.get('fingerprint'))[:12]}… vs this job's {fingerprint[:12]}…: the {changed} "
@@ -527,7 +549,14 @@ class OutputDir:
 
     # -- worker side -----------------------------------------------------------------------------------
     def commit_shard(
-        self, shard_id: str, *, run_id: str, fingerprint: str, predictions: pa.Table, errors: pa.Table
+        self,
+        shard_id: str,
+        *,
+        run_id: str,
+        fingerprint: str,
+        predictions: pa.Table,
+        errors: pa.Table,
+        errors_by_stage: dict[str, int] | None = None,
     ) -> ShardRecord:
         """Write one shard's files, then its commit record. Safe to repeat (same names, same content)."""
         data = _parquet_bytes(predictions, self.compression)
@@ -548,6 +577,7 @@ class OutputDir:
             errors_bytes=len(err_data),
             errors_sha256=hashlib.sha256(err_data).hexdigest() if err_data else "",
             committed_at=time.time(),
+            errors_by_stage=json.dumps(errors_by_stage or {}, sort_keys=True),
         )
         self.write_bytes(posixpath.join(SHARDS, f"{shard_id}.json"), json.dumps(asdict(record)).encode())
         return record
@@ -571,6 +601,9 @@ class Ledger:
         self.done: set[str] = set(previous)
         self.rows_in = sum(r.rows_in for r in previous.values())
         self.rows_error = sum(r.rows_error for r in previous.values())
+        self.stage_errors: Counter[str] = Counter()
+        for r in previous.values():
+            self.stage_errors.update(r.stage_errors())
         self.run_rows = 0
         self._pending: list[ShardRecord] = []
         self._segments = 0
@@ -586,6 +619,7 @@ class Ledger:
         self.done.add(rec.shard_id)
         self.rows_in += rec.rows_in
         self.rows_error += rec.rows_error
+        self.stage_errors.update(rec.stage_errors())
         self.run_rows += rec.rows_in
         self._pending.append(rec)
         if len(self._pending) >= self.compact_every:
@@ -618,13 +652,16 @@ def _read_parts(out: OutputDir, rel: str, shard_ids: Iterable[str] | None) -> pa
     return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 
-def read_output(uri: str, *, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """All predictions of a job, in shard order (a convenience; any Parquet reader works too)."""
+def read_output(uri: str, *, storage_options: dict[str, Any] | None = None, flat: bool = False) -> pa.Table:
+    """All predictions of a job, in shard order (a convenience; any Parquet reader works too).
+
+    A multi-stage job writes one struct column per stage; `flat=True` gives them as `<stage>.<field>`
+    columns (`Table.flatten`), e.g. `summarize.summary_text`, `sentiment.label`."""
     out = OutputDir(uri, storage_options=storage_options)
     table = _read_parts(out, "", None)
     if table is None:
         raise OutputError(f"{uri!r} holds no part files")
-    return table
+    return table.flatten() if flat else table
 
 
 def read_errors(uri: str, *, storage_options: dict[str, Any] | None = None) -> pa.Table:

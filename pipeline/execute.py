@@ -1,20 +1,13 @@
-"""Run an inference job: spec → plan → Ray Data graph → commit → manifest.
+"""Run an inference job (the driver): spec → bind → plan → the Ray Data graph → commit records → manifest.
 
-    from_items(shards, one block each)
-      → map_batches(read_preprocess)        CPU tasks: read the shard's rows, tokenize/decode (batched)
-      → map_batches(Replica, actor pool)    `replicas` actors, `num_gpus` each: pad + forward only
-      → map_batches(postprocess_commit)     CPU tasks: labels/spans/..., write part files, commit record
-      → the driver consumes commit records: progress, manifest, error-rate check
-
-Every map takes the whole block (`batch_size=None`) and Ray Data's block splitting is off, so a block is
-a shard all the way down and one shard gives one `part-<shard>.parquet`. Streaming execution gives
-backpressure: only a few shards are in flight per stage, whatever the dataset size.
+The graph and the functions its workers run are in `pipeline.graph`; this module checks the job before Ray
+starts (`preflight`), holds the output's lease, consumes commit records (progress, error rate, the manifest
+with per-stage counts), and checks every planned shard on storage at the end before writing `_SUCCESS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -23,27 +16,14 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline.block import (
-    ERR_MSG,
-    ERR_STAGE,
-    ERR_TYPE,
-    FEATURE,
-    FILE,
-    ID,
-    OUTPUT,
-    READ_ERROR,
-    ROW,
-    SHARD,
-    set_errors,
-)
+from pipeline.bind import BoundJob, bind
 from pipeline.cluster import init_ray
-from pipeline.commit import OUTPUT_FORMAT, Ledger, OutputDir, ShardRecord, error_schema
+from pipeline.commit import OUTPUT_FORMAT, READ_STAGE, Ledger, OutputDir, ShardRecord
 from pipeline.errors import (
     ErrorRateExceeded,
     FingerprintMismatch,
@@ -52,6 +32,7 @@ from pipeline.errors import (
     SourceError,
     SpecError,
 )
+from pipeline.graph import GraphJob, build_dataset, embedded_cpus, min_cpus
 from pipeline.lease import Lease
 from pipeline.locations import check_output_location
 from pipeline.plan import Shard, fingerprint, plan_shards
@@ -63,23 +44,17 @@ from pipeline.sources import (
     input_schema,
     list_files,
     list_fragments,
-    read_shard,
     resolve_format,
 )
-from pipeline.spec import JobSpec, StageSpec, spec_to_dict
-from pipeline.tensors import decode_tensors, encode_tensors
+from pipeline.spec import JobSpec, spec_to_dict
+from pipeline.status import stage_counts
 
-__all__ = ["JobResult", "Prepared", "init_ray", "preflight", "run_inference"]
+__all__ = ["JobResult", "Prepared", "embedded_cpus", "init_ray", "preflight", "run_inference"]
 
 log = logging.getLogger(__name__)
 
-# CPU (logical) reserved by each read/preprocess and commit task. Replicas reserve their own.
-_TASK_CPUS = 1.0
-_COMMIT_CPUS = 0.5
 # How often the driver refreshes _manifest.json while a job runs.
 _MANIFEST_EVERY_S = 5.0
-# Resident memory of a worker that has imported torch + transformers + a tokenizer (measured ~280 MiB).
-_TASK_BASE_MEMORY = 384 * 1024 * 1024
 
 
 @dataclass
@@ -98,6 +73,8 @@ class JobResult:
     rows_run: int = 0
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Ray Data's execution stats of this run's graph (`Dataset.stats()`): one line per operator.
+    graph_stats: str = field(repr=False, default="")
 
     @property
     def rows_per_s(self) -> float:
@@ -105,261 +82,46 @@ class JobResult:
 
 
 # -------------------------------------------------------------------------------------------------------
-# Ray
-
-
-def embedded_cpus(spec: JobSpec) -> int:
-    """Logical CPUs for the embedded cluster: all replicas at their max plus one read and one commit task
-    always fit, so no pool can wait forever for a CPU (the reason to go above the physical count)."""
-    stage = spec.stage
-    _, hi = stage.replica_range()
-    per_replica = replica_cpus(stage)
-    need = math.ceil(hi * per_replica + _TASK_CPUS + _COMMIT_CPUS)
-    return max(os.cpu_count() or 1, need)
-
-
-def replica_cpus(stage: StageSpec) -> float:
-    return stage.num_cpus if stage.num_cpus is not None else 1.0
-
-
-# -------------------------------------------------------------------------------------------------------
-# Stage functions (run in Ray workers). Loaded objects are cached per worker process.
-
-
-@functools.lru_cache(maxsize=8)
-def _loaded(role: str, task_name: str, model: str, revision: str | None, params: str) -> Any:
-    """The task's preprocessor or postprocessor, loaded once per worker process (Ray reuses workers)."""
-    from models.loading import resolve_model
-    from models.registry import get_task
-
-    task = get_task(task_name)
-    model_dir = resolve_model(model, revision=revision)
-    parsed = task.parse_params(json.loads(params), key="params")
-    if role == "preprocess":
-        return task.load_preprocessor(model_dir, parsed)
-    return task.load_postprocessor(model_dir, parsed)
-
-
-def _stage_key(stage: StageSpec) -> tuple[str, str, str | None, str]:
-    return (stage.task, stage.model, stage.revision, json.dumps(spec_to_dict(stage.params), sort_keys=True))
-
-
-def _isolate(
-    fn: Callable[[dict[str, list[Any]]], list[Any]], columns: dict[str, list[Any]], n: int
-) -> list[Any]:
-    """Run a batched row function; if the batch raises, rerun row by row so one bad row costs only itself."""
-    try:
-        out = fn(columns)
-        if len(out) != n:
-            raise RuntimeError(f"returned {len(out)} results for {n} rows")
-        return out
-    except Exception:  # noqa: BLE001
-        if n == 1:
-            raise
-        results = []
-        for i in range(n):
-            try:
-                out = fn({k: v[i : i + 1] for k, v in columns.items()})
-                if len(out) != 1:  # a row without a result (or with two) must not shift the rows after it
-                    raise RuntimeError(f"returned {len(out)} results for 1 rows")
-                results.extend(out)
-            except Exception as e:  # noqa: BLE001
-                from models.registry import RowError
-
-                results.append(RowError(type(e).__name__, str(e) or repr(e)))
-        return results
-
-
-def read_preprocess(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
-    """Read each shard in the block and preprocess its rows (one output block per input block)."""
-    from models.registry import RowError, get_task
-
-    spec: JobSpec = job["spec"]
-    stage = spec.stage
-    task = get_task(stage.task)
-    preprocess = _loaded("preprocess", *job["stage_key"])
-    out = []
-    for shard_json in batch.column("shard").to_pylist():
-        shard = Shard.from_dict(json.loads(shard_json))
-        table = read_shard(spec.input, shard.fragment, shard.start, shard.stop, columns=job["read_columns"])
-        n = table.num_rows
-        read_errors = table.column(READ_ERROR).to_pylist()
-        table = table.drop_columns([READ_ERROR])
-        table = table.append_column(SHARD, pa.array([shard.shard_id] * n, pa.string()))
-        table = table.append_column(FILE, pa.array([shard.fragment.rel] * n, pa.string()))
-        for name in (ERR_STAGE, ERR_TYPE, ERR_MSG):
-            table = table.append_column(name, pa.nulls(n, pa.string()))
-        table = set_errors(
-            table,
-            "read",
-            [
-                (("RowTooLarge" if "input.max_row_bytes" in e else "ParseError"), e)
-                if e is not None
-                else None
-                for e in read_errors
-            ],
-        )
-        ok = [i for i, e in enumerate(read_errors) if e is None]
-        ok_rows = pa.array(ok, pa.int64())  # typed: an empty list would be a null-typed index array
-        columns = {name: table.column(col).take(ok_rows).to_pylist() for name, col in stage.inputs.items()}
-        columns[ID] = table.column(ID).take(ok_rows).to_pylist()  # registry.ROW_ID: seeds per-row randomness
-        features: list[Any] = [None] * n
-        errors: list[tuple[str, str] | None] = [None] * n
-        if ok:
-            try:
-                results = _isolate(preprocess, columns, len(ok))
-            except Exception as e:  # noqa: BLE001 - a single row that raised
-                results = [RowError(type(e).__name__, str(e) or repr(e))]
-            for i, res in zip(ok, results, strict=True):
-                if isinstance(res, RowError):
-                    errors[i] = (res.error_type, res.message)
-                else:
-                    features[i] = res
-        table = set_errors(table, "preprocess", errors)
-        keep = set(job["carry_columns"]) | {SHARD, ID, ROW, FILE, ERR_STAGE, ERR_TYPE, ERR_MSG}
-        table = table.select([c for c in table.column_names if c in keep])
-        for name, column in encode_tensors(features, prefix=FEATURE).items():
-            table = table.append_column(name, column)
-        del task
-        out.append(table)
-    return pa.concat_tables(out, promote_options="permissive") if len(out) > 1 else out[0]
-
-
-def postprocess_commit(batch: pa.Table, *, job: dict[str, Any]) -> pa.Table:
-    """Postprocess each shard's rows, split predictions from error records, commit the shard."""
-    from models.registry import get_task
-
-    spec: JobSpec = job["spec"]
-    stage = spec.stage
-    task = get_task(stage.task)
-    postprocess = _loaded("postprocess", *job["stage_key"])
-    schema: pa.Schema = job["output_schema"]
-    out_dir: OutputDir = job["output"]
-    records = []
-    shards = batch.column(SHARD).to_pylist()
-    for shard_id in dict.fromkeys(shards):
-        idx = [i for i, s in enumerate(shards) if s == shard_id]
-        table = batch.take(idx)
-        outputs = decode_tensors(table, prefix=OUTPUT)
-        features = decode_tensors(table, prefix=FEATURE)
-        stages = table.column(ERR_STAGE).to_pylist()
-        inputs = {
-            name: table.column(col).to_pylist()
-            for name, col in stage.inputs.items()
-            if name in task.postprocess_inputs
-        }
-        preds: list[dict[str, Any]] = []
-        ok_idx: list[int] = []
-        errors: list[tuple[str, str] | None] = [None] * table.num_rows
-        missing: list[tuple[str, str] | None] = [None] * table.num_rows
-        for i in range(table.num_rows):
-            if stages[i] is not None:
-                continue
-            if outputs[i] is None:  # the replica's forward gave nothing for it: a forward error
-                missing[i] = ("MissingOutput", "the replica returned no output for this row")
-                continue
-            try:
-                row = postprocess(
-                    outputs[i], inputs={k: v[i] for k, v in inputs.items()}, features=features[i] or {}
-                )
-            except Exception as e:  # noqa: BLE001
-                errors[i] = (type(e).__name__, str(e) or repr(e))
-                continue
-            preds.append(row)
-            ok_idx.append(i)
-        table = set_errors(table, "forward", missing)
-        table = set_errors(table, "postprocess", errors)
-        # Typed indices: a shard whose rows all failed has none, and an empty list is null-typed.
-        predictions = _predictions_table(table.take(pa.array(ok_idx, pa.int64())), preds, schema, job)
-        error_rows = table.filter(pa.compute.is_valid(table.column(ERR_STAGE)))
-        id_column = job["id_column"]
-        ids = error_rows.column(id_column if id_column is not None else ID)
-        errors_table = pa.table(
-            [
-                ids,
-                error_rows.column(FILE),
-                error_rows.column(ROW),
-                error_rows.column(ERR_STAGE),
-                error_rows.column(ERR_TYPE),
-                error_rows.column(ERR_MSG),
-            ],
-            schema=error_schema(pa.field(id_column, ids.type) if id_column is not None else None),
-        )
-        if predictions.num_rows + errors_table.num_rows != table.num_rows:  # never commit a lost row
-            raise JobFailed(
-                f"shard {shard_id}: {table.num_rows} rows in, but {predictions.num_rows} predictions and "
-                f"{errors_table.num_rows} error records out; this is a bug in shardwise, please report it"
-            )
-        rec = out_dir.commit_shard(
-            shard_id,
-            run_id=job["run_id"],
-            fingerprint=job["fingerprint"],
-            predictions=predictions,
-            errors=errors_table,
-        )
-        records.append(dataclasses.asdict(rec))
-    return pa.Table.from_pylist(records)
-
-
-def _predictions_table(
-    rows: pa.Table, preds: list[dict[str, Any]], schema: pa.Schema, job: dict[str, Any]
-) -> pa.Table:
-    columns: dict[str, pa.Array] = {}
-    id_column = job["id_column"]
-    if id_column is None:
-        columns["id"] = rows.column(ID)
-    for col, name in job["keep_columns"].items():
-        columns[name] = rows.column(col)
-    for f in schema:
-        columns[f.name] = pa.array([p.get(f.name) for p in preds], f.type)
-    return pa.table(columns)
-
-
-# -------------------------------------------------------------------------------------------------------
 # Driver
 
 
-def _read_columns(spec: JobSpec) -> list[str]:
-    cols = list(spec.stage.inputs.values()) + list(spec.input.kept())
-    if spec.input.id_column:
-        cols.append(spec.input.id_column)
-    return list(dict.fromkeys(cols))
-
-
-def _keep_columns(spec: JobSpec) -> dict[str, str]:
-    """Input column → output name, the id column first (under its own name unless renamed)."""
-    kept = spec.input.kept_as()
-    id_column = spec.input.id_column
-    if id_column is None:
-        return kept
-    return {id_column: kept.get(id_column, id_column), **{k: v for k, v in kept.items() if k != id_column}}
-
-
-def _check_columns(spec: JobSpec, schema: pa.Schema, output_schema: pa.Schema) -> None:
+def _check_columns(job: BoundJob, schema: pa.Schema) -> None:
+    """Every column the job reads is in the input, and nothing it writes collides with a kept column."""
+    spec = job.spec
     names = set(schema.names)
-    for task_input, col in spec.stage.inputs.items():
-        if col not in names:
-            raise SpecError(
-                f"stages[0].inputs.{task_input}",
-                f"column {col!r} is not in the input; its columns: {schema.names}",
-            )
+    earlier: list[str] = []
+    for stage in job.stages:
+        for task_input, src in stage.inputs:
+            if src.stage is None and src.column not in names:
+                named, dot, _ = src.source.partition(".")
+                hint = (
+                    f", and no earlier stage is named {named!r} (earlier stages: {earlier})"
+                    if dot and job.multi
+                    else ""
+                )
+                raise SpecError(
+                    f"stages[{stage.index}].inputs.{task_input}",
+                    f"column {src.column!r} is not in the input{hint}; its columns: {schema.names}",
+                )
+        earlier.append(stage.name)
     if spec.input.id_column and spec.input.id_column not in names:
         raise SpecError(
             "input.id_column",
             f"column {spec.input.id_column!r} is not in the input; its columns: {schema.names}",
         )
-    for col, name in _keep_columns(spec).items():
+    written = set(job.output_schema().names)
+    for col, name in job.keep_columns:
         if col not in names:
             raise SpecError(
                 "input.keep_columns", f"column {col!r} is not in the input; its columns: {schema.names}"
             )
-        if name in output_schema.names:
+        if name in written and not job.multi:
             raise SpecError(
                 "input.keep_columns",
                 f"column {col!r} would be kept as {name!r}, which is also a field the task writes; rename it in "
                 f"the output with a mapping, e.g. keep_columns: {{{col}: input_{col}}}",
             )
-    if spec.input.id_column is None and "id" in _keep_columns(spec).values():
+    if spec.input.id_column is None and "id" in dict(job.keep_columns).values():
         raise SpecError(
             "input.keep_columns",
             "keeps a column named 'id' but input.id_column is not set; set input.id_column: id (or rename it "
@@ -371,10 +133,7 @@ def _check_columns(spec: JobSpec, schema: pa.Schema, output_schema: pa.Schema) -
 class Prepared:
     """A job checked before Ray starts: its input listed and planned, its model and output vetted."""
 
-    spec: JobSpec  # input.format resolved
-    task: Any
-    params: Any
-    output_schema: pa.Schema
+    job: BoundJob  # its spec's input.format resolved
     fragments: list[Fragment]
     shards: list[Shard]
     fingerprint: str
@@ -389,6 +148,10 @@ class Prepared:
     @property
     def rows_total(self) -> int:
         return sum(s.num_rows for s in self.shards)
+
+    @property
+    def spec(self) -> JobSpec:
+        return self.job.spec
 
 
 def _check_model(model: str, *, revision: str | None, key: str) -> None:
@@ -415,16 +178,15 @@ def _check_writable(uri: str) -> None:
         raise SpecError("output.uri", f"{uri!r} cannot be written here ({path} is not a writable folder)")
 
 
-def _check_job(spec: JobSpec) -> tuple[JobSpec, Any, Any, pa.Schema]:
-    """The task and params, that the model resolves, that the output is a safe and writable place, and the
-    input's format. Nothing is planned yet."""
-    from models.registry import get_task
-
-    stage = spec.stage
-    task = get_task(stage.task)
-    params = task.parse_params(stage.params, key="stages[0].params")
-    output_schema = task.output_schema(params)
-    _check_model(stage.model, revision=stage.revision, key="stages[0].model")
+def _check_job(spec: JobSpec) -> BoundJob:
+    """Bind the spec (tasks, params, stage references), check that every stage's model resolves, that the
+    output is a safe and writable place, and the input's format. Nothing is planned yet."""
+    job = bind(spec)
+    checked: set[tuple[str, str | None]] = set()
+    for stage in job.stages:
+        if (stage.model, stage.revision) not in checked:
+            _check_model(stage.model, revision=stage.revision, key=f"stages[{stage.index}].model")
+            checked.add((stage.model, stage.revision))
     check_output_location(
         spec.output.uri,
         key="output.uri",
@@ -432,12 +194,11 @@ def _check_job(spec: JobSpec) -> tuple[JobSpec, Any, Any, pa.Schema]:
         + [(f"stages[{i}].model", s.model) for i, s in enumerate(spec.stages)],
     )
     _check_writable(spec.output.uri)
-    spec = dataclasses.replace(spec, input=resolve_format(spec.input))
-    return spec, task, params, output_schema
+    return dataclasses.replace(job, spec=dataclasses.replace(spec, input=resolve_format(spec.input)))
 
 
 def _plan_job(
-    checked: tuple[JobSpec, Any, Any, pa.Schema],
+    job: BoundJob,
     fragments: list[Fragment],
     *,
     incremental: bool = False,
@@ -445,10 +206,9 @@ def _plan_job(
 ) -> Prepared:
     from models.loading import model_identity
 
-    spec, task, params, output_schema = checked
-    stage = spec.stage
+    spec = job.spec
     if fragments:
-        _check_columns(spec, input_schema(spec.input, fragments[0]), output_schema)
+        _check_columns(job, input_schema(spec.input, fragments[0]))
     notes: list[str] = []
     shards = plan_shards(spec, fragments, notes=notes)
     if not shards and not (spec.input.allow_empty or allow_no_rows):
@@ -457,29 +217,32 @@ def _plan_job(
             "glob, or set input.allow_empty: true if an empty input is expected (the job then succeeds with "
             "no part files)"
         )
+    identities: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for s in job.stages:
+        if (s.model, s.revision) not in identities:
+            identities[(s.model, s.revision)] = model_identity(s.model, revision=s.revision)
     fp, parts = fingerprint(
-        spec,
+        job,
         fragments,
-        model_identity=model_identity(stage.model, revision=stage.revision),
+        model_identities={s.name: identities[(s.model, s.revision)] for s in job.stages},
         with_files=not incremental,
     )
-    return Prepared(spec, task, params, output_schema, fragments, shards, fp, parts, notes)
+    return Prepared(job, fragments, shards, fp, parts, notes)
 
 
 def preflight(spec: JobSpec) -> Prepared:
-    """Everything that can be checked before Ray starts: the task and params, that the model resolves, that
-    the input exists, has rows and the mapped columns, and that the output is a safe, writable place."""
-    checked = _check_job(spec)
-    return _plan_job(checked, list_fragments(checked[0].input), incremental=spec.output.mode == "incremental")
+    """Everything that can be checked before Ray starts: the tasks and params, every stage's references, that
+    the models resolve, that the input exists, has rows and the mapped columns, and that the output is a
+    safe, writable place."""
+    job = _check_job(spec)
+    return _plan_job(job, list_fragments(job.spec.input), incremental=spec.output.mode == "incremental")
 
 
-def _plan_incremental(
-    checked: tuple[JobSpec, Any, Any, pa.Schema], previous: dict[str, Any] | None
-) -> Prepared:
+def _plan_incremental(job: BoundJob, previous: dict[str, Any] | None) -> Prepared:
     """Plan only the files an incremental output does not cover yet. Files already done (same path, size and
     mtime/etag) are skipped without being opened. A done file that changed is refused, naming it (its old
     predictions cannot be replaced atomically); a done file that disappeared keeps its predictions."""
-    spec = checked[0]
+    spec = job.spec
     done: dict[str, list[Any]] = dict((previous or {}).get("files") or {})
     entries = list_files(spec.input)
     listed = {e.rel for e in entries}
@@ -492,7 +255,7 @@ def _plan_incremental(
         )
     new = [e for e in entries if e.rel not in done]
     fragments = describe_files(spec.input, new)
-    prep = _plan_job(checked, fragments, incremental=True, allow_no_rows=bool(done))
+    prep = _plan_job(job, fragments, incremental=True, allow_no_rows=bool(done))
     files = {**done, **{f.rel: [f.size, f.version, f.num_rows] for f in fragments}}
     return dataclasses.replace(
         prep,
@@ -533,6 +296,8 @@ def _manifest(
         "rows_in": rows_in,
         "rows_ok": rows_in - ledger.rows_error,
         "rows_error": ledger.rows_error,
+        "rows_error_read": ledger.stage_errors.get(READ_STAGE, 0),
+        "stages": stage_counts([st.name for st in prep.job.stages], rows_in, ledger.stage_errors),
         "error_rate": ledger.rows_error / rows_in if rows_in else 0.0,
         "max_error_rate": spec.max_error_rate,
         "input_sha256": input_sha256,
@@ -622,20 +387,20 @@ def run_inference(
     (even with the same size and mtime); `wait_s` waits that long for another run's lease on the output."""
     started = time.time()
     incremental = spec.output.mode == "incremental"
-    checked = _check_job(spec)
-    spec = checked[0]
+    job = _check_job(spec)
+    spec = job.spec
     out = OutputDir(
         spec.output.uri, storage_options=spec.output.storage_options, compression=spec.output.compression
     )
     mode = "overwrite" if overwrite else ("resume" if incremental else spec.output.mode)
-    prep = None if incremental else _plan_job(checked, list_fragments(spec.input))
+    prep = None if incremental else _plan_job(job, list_fragments(spec.input))
     # Refuse a foreign folder before writing a lease into it.
     out.claim(kind="inference", mode=mode, delete=False)
     run_id = new_run_id()
     with Lease(out, run_id, what=f"inference job {spec.name!r}", wait_s=wait_s) as lease:
         if prep is None:  # incremental: what is done is read under the lease, then only new files are planned
             previous = None if overwrite else out.claim(kind="inference", mode=mode, delete=False)
-            prep = _plan_incremental(checked, previous)
+            prep = _plan_incremental(job, previous)
         for note in prep.notes:
             _warn(note)
         return _run_locked(
@@ -687,7 +452,6 @@ def _run_locked(
     verify_input: bool,
 ) -> JobResult:
     spec = prep.spec
-    stage = spec.stage
     notes: list[str] = []
     committed = out.prepare(
         fingerprint=prep.fingerprint,
@@ -731,28 +495,13 @@ def _run_locked(
     rows_total = prep.rows_total + sum(r.rows_in for r in kept.values())
     allowed = _allowed_errors(spec, rows_total)
     bar = _progress(progress, total=rows_total, initial=ledger.rows_in)
+    graph_stats = ""
     try:
         if todo:
-            init_ray(address=address, num_cpus=None if address else embedded_cpus(spec))
-            task = prep.task
-            job = {
-                "spec": spec,
-                "stage_key": _stage_key(stage),
-                "read_columns": _read_columns(spec),
-                "carry_columns": list(
-                    dict.fromkeys(
-                        list(_keep_columns(spec))
-                        + [stage.inputs[n] for n in task.postprocess_inputs if n in stage.inputs]
-                    )
-                ),
-                "keep_columns": _keep_columns(spec),
-                "id_column": spec.input.id_column,
-                "output_schema": prep.output_schema,
-                "output": out,
-                "run_id": run_id,
-                "fingerprint": prep.fingerprint,
-            }
-            ds = _build_dataset(ray_module(), spec, todo, job)
+            init_ray(address=address, num_cpus=None if address else embedded_cpus(prep.job))
+            _check_capacity(prep.job)
+            graph = GraphJob(prep.job, out, run_id, prep.fingerprint)
+            ds = build_dataset(ray_module(), graph, todo)
             last_write = time.monotonic()
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 for rec_dict in batch.to_pylist():
@@ -766,6 +515,7 @@ def _run_locked(
                     last_write = time.monotonic()
                 if ledger.rows_error > allowed:
                     break  # the job can no longer pass; stop spending compute on it
+            graph_stats = ds.stats()
         ledger.flush()
     except BaseException as e:  # noqa: BLE001 - Ray wraps user errors; report the cause in one paragraph
         cause = _root_cause(e)
@@ -865,6 +615,7 @@ def _run_locked(
         rows_run=ledger.run_rows,
         manifest=manifest_data,
         notes=prep.notes + notes,
+        graph_stats=graph_stats,
     )
     if state == "failed":
         if ledger.rows_error > allowed:
@@ -882,6 +633,25 @@ def _write_run_log(out: OutputDir, *, run_id: str, **figures: Any) -> None:
     out.write_bytes(f"_runs/{run_id}.json", json.dumps(record, sort_keys=True).encode())
 
 
+def _check_capacity(job: BoundJob) -> None:
+    """Refuse a job whose replica pools cannot all start on the cluster: Ray would wait for them forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    need_cpus = min_cpus(job)
+    need_gpus = sum(s.replicas[0] * s.num_gpus for s in job.stages)
+    if need_cpus > cpus + 1e-9 or need_gpus > gpus + 1e-9:
+        pools = ", ".join(
+            f"{s.name}: {s.replicas[0]} × ({s.cpus:g} CPU, {s.num_gpus:g} GPU)" for s in job.stages
+        )
+        raise JobFailed(
+            f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs, but the stages' replica pools need {need_cpus:g} "
+            f"CPUs (with one read task) and {need_gpus:g} GPUs at their minimum size ({pools}); lower "
+            "stages[*].replicas, num_cpus or num_gpus, or add nodes"
+        )
+
+
 def new_run_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
@@ -890,76 +660,6 @@ def ray_module() -> Any:
     import ray
 
     return ray
-
-
-def _build_dataset(ray: Any, spec: JobSpec, todo: list[Shard], job: dict[str, Any]) -> Any:
-    from ray.data import DataContext
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar and summary replace its logs
-    # A copy, current only while the graph is built: a Dataset seals the context it was created under, so
-    # these settings hold for this job and the caller's own Ray Data work keeps its settings.
-    ctx = DataContext.get_current().copy()
-    ctx.target_max_block_size = None  # never split a block: a block is a shard, a shard is one commit
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.execution_options.preserve_order = False
-    with DataContext.current(ctx):
-        return _graph(ray, spec, todo, job)
-
-
-def _graph(ray: Any, spec: JobSpec, todo: list[Shard], job: dict[str, Any]) -> Any:
-    from ray.data import ActorPoolStrategy
-
-    from pipeline.replica import Replica
-
-    stage = spec.stage
-    lo, hi = stage.replica_range()
-    threads = (
-        int(stage.num_cpus)
-        if stage.num_cpus
-        else (None if stage.num_gpus else max(1, (os.cpu_count() or 1) // hi))
-    )
-    items = [{"shard": json.dumps(s.to_dict())} for s in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        read_preprocess,
-        batch_size=None,
-        batch_format="pyarrow",
-        fn_kwargs={"job": job},
-        num_cpus=_TASK_CPUS,
-        # Reserve memory for a shard in flight (its rows + features) on top of the worker's libraries.
-        # Remote args that differ from the replica's also keep Ray Data from fusing this CPU stage into
-        # the replica actor: tokenizing must run in parallel CPU tasks, not on the replica's critical path.
-        memory=_TASK_BASE_MEMORY + 2 * spec.input.shard_bytes,
-    )
-    ds = ds.map_batches(
-        Replica,
-        batch_size=None,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_gpus=stage.num_gpus or None,
-        num_cpus=replica_cpus(stage),
-        fn_constructor_kwargs={
-            "task": stage.task,
-            "model": stage.model,
-            "revision": stage.revision,
-            "params": dict(stage.params),
-            "device": stage.device,  # "auto" resolves inside the actor, where the GPU is visible
-            "dtype": stage.dtype,
-            "num_gpus": stage.num_gpus,
-            "batch_size": stage.batch_size,
-            "max_batch_tokens": stage.max_batch_tokens,
-            "threads": threads,
-        },
-    )
-    ds = ds.map_batches(
-        postprocess_commit,
-        batch_size=None,
-        batch_format="pyarrow",
-        fn_kwargs={"job": job},
-        num_cpus=_COMMIT_CPUS,
-    )
-    return ds
 
 
 def _progress(enabled: bool, *, total: int, initial: int) -> Any:

@@ -11,11 +11,14 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.redact import fingerprint_view, options_digest
 from pipeline.sources import Fragment
 from pipeline.spec import JobSpec, spec_to_dict
+
+if TYPE_CHECKING:
+    from pipeline.bind import BoundJob
 
 __all__ = ["PLAN_VERSION", "Shard", "file_key", "fingerprint", "plan_shards"]
 
@@ -150,20 +153,21 @@ def _first_rows(ranges: list[tuple[Fragment, int, int]], limit: int) -> list[tup
 
 
 def fingerprint(
-    spec: JobSpec,
+    job: BoundJob,
     fragments: list[Fragment],
     *,
-    model_identity: dict[str, Any],
+    model_identities: dict[str, dict[str, Any]],
     with_files: bool = True,
 ) -> tuple[str, dict[str, Any]]:
     """(sha256 hex, the parts it hashes). Anything that changes which rows exist or what is predicted for
-    them is in; knobs that only change speed (batch_size, replicas, num_gpus) are out.
+    them is in — for every stage of the job — while knobs that only change speed (batch_size, replicas,
+    num_gpus) are out. `model_identities` holds each stage's model identity by stage name.
 
     `with_files=False` leaves the input listing out: what is computed, not over which files (incremental
     jobs keep their files in the manifest and add new ones run by run)."""
     from pipeline import __version__
 
-    stage = spec.stage
+    spec = job.spec
     parts = {
         "shardwise": __version__,
         # Bump when the shard boundaries for the same input change: committed shards of an older plan
@@ -181,25 +185,22 @@ def fingerprint(
             "storage": options_digest(spec.input.storage_options),
             "files": [[f.rel, f.size, f.version, f.num_rows] for f in fragments],
         },
-        "task": stage.task,
-        "inputs": stage.inputs,
-        "params": fingerprint_view(_parsed_params(stage.task, stage.params)),
-        "dtype": stage.dtype,
-        "model": model_identity,
+        # By name, so a mismatch names the stage that changed (`stages.summarize.params`).
+        "stages": {
+            s.name: {
+                "order": s.index,
+                "task": s.task_name,
+                "inputs": {name: src.source for name, src in s.inputs},
+                # Parsed: `{}` and `{top_k: 1}` (the default) are the same job.
+                "params": fingerprint_view(spec_to_dict(s.params)),
+                "dtype": s.dtype,
+                "model": model_identities[s.name],
+                "output": s.write,
+            }
+            for s in job.stages
+        },
     }
-
     if not with_files:
         del parts["input"]["files"]  # type: ignore[attr-defined]
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return digest, parts
-
-
-def _parsed_params(task_name: str, params: dict[str, Any]) -> Any:
-    """Params as the task parses them, so `{}` and `{top_k: 1}` (the default) are the same job."""
-    from models.registry import get_task
-
-    try:
-        task = get_task(task_name)
-    except KeyError:  # not a validated spec (the task part of the fingerprint differs anyway)
-        return spec_to_dict(params)
-    return spec_to_dict(task.parse_params(params, key="stages[0].params"))

@@ -1,6 +1,6 @@
 """The actor that hosts one model replica of one task.
 
-It receives blocks whose rows already carry features (tokenized in CPU tasks), runs the task's forward in
+It receives blocks of its stage whose rows already carry features (tokenized in CPU tasks), runs the task's forward in
 length-sorted micro-batches (`pipeline.batching`), and returns the block with raw outputs. Nothing else
 happens here: decoding, tokenizing and postprocessing stay in CPU tasks so the accelerator is not kept
 waiting on Python.
@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.batching import run_micro_batches
+from pipeline.bind import BoundStage
 from pipeline.block import FEATURE, OUTPUT, ok_rows, set_errors
 from pipeline.tensors import decode_tensors, encode_tensors
 
@@ -44,41 +45,28 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 class Replica:
-    def __init__(
-        self,
-        *,
-        task: str,
-        model: str,
-        revision: str | None,
-        params: dict[str, Any],
-        device: str,
-        dtype: str,
-        num_gpus: float,
-        batch_size: int,
-        max_batch_tokens: int | None,
-        threads: int | None,
-    ) -> None:
+    """One replica of one stage: `stage` is the bound stage (parsed params, resources), not a spec."""
+
+    def __init__(self, *, stage: BoundStage, threads: int | None) -> None:
         import torch
 
         from models.loading import resolve_model
-        from models.registry import get_task
 
-        self.task = get_task(task)
-        self.params = self.task.parse_params(params, key="params")
+        self.stage = stage
+        task = stage.task
         if threads is None:
             threads = max(1, os.cpu_count() or 1)
         torch.set_num_threads(threads)
-        self.device = resolve_device(device, num_gpus)
-        self.dtype = resolve_dtype(dtype, self.device)
-        model_dir = resolve_model(model, revision=revision)
-        self.runner = self.task.load_runner(model_dir, self.params, device=self.device, dtype=self.dtype)
-        self.batch_size = batch_size
-        self.max_batch_tokens = max_batch_tokens
-        self.keep_features = {FEATURE + name for name in self.task.postprocess_features}
+        self.device = resolve_device(stage.device, stage.num_gpus)
+        self.dtype = resolve_dtype(stage.dtype, self.device)
+        model_dir = resolve_model(stage.model, revision=stage.revision)
+        self.runner = task.load_runner(model_dir, stage.params, device=self.device, dtype=self.dtype)
+        self.keep_features = {FEATURE + name for name in task.postprocess_features}
         log.info(
-            "replica ready: task=%s model=%s device=%s dtype=%s threads=%d",
-            task,
-            model,
+            "replica ready: stage=%s task=%s model=%s device=%s dtype=%s threads=%d",
+            stage.name,
+            stage.task_name,
+            stage.model,
             self.device,
             self.dtype,
             threads,
@@ -98,8 +86,8 @@ class Replica:
             self.runner.forward,
             rows,
             [self.runner.length(r) for r in rows],
-            batch_size=self.batch_size,
-            max_tokens=self.max_batch_tokens,
+            batch_size=self.stage.batch_size,
+            max_tokens=self.stage.max_batch_tokens,
             on_oom=self._on_oom,
         )
         outputs: list[dict[str, Any] | None] = [None] * table.num_rows
@@ -112,7 +100,7 @@ class Replica:
                 "out of memory: split %d micro-batches; lower batch_size or max_batch_tokens",
                 result.oom_splits,
             )
-        table = set_errors(table, "forward", errors)
+        table = set_errors(table, self.stage.name, "forward", errors)
         drop = [n for n in table.column_names if n.startswith(FEATURE) and n not in self.keep_features]
         table = table.drop_columns(drop)
         for name, column in encode_tensors(outputs, prefix=OUTPUT).items():

@@ -3,25 +3,23 @@
 Every key is validated where it is loaded: unknown keys, wrong types and bad values raise `SpecError`
 naming the dotted key and what is allowed. Nothing downstream reads raw dicts with defaults.
 
-Task-specific `params` are validated by the task itself (`models.registry.get_task(name).parse_params`)
-when the spec is checked, so a typo in `params` is caught before any Ray work starts.
+This module knows the spec's structure only (it imports no task). What a key means for a task — that the
+task exists, its `params`, its inputs, the fields a stage reads from an earlier stage — is checked when the
+spec is bound (`pipeline.bind.bind`), still before any Ray work starts.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, get_args
 
 import yaml
 
 from pipeline.errors import SpecError
+from pipeline.typed import build, to_plain
 
 __all__ = [
     "FORMATS",
@@ -33,6 +31,8 @@ __all__ = [
     "apply_overrides",
     "load_spec",
     "parse_spec",
+    "spec_to_dict",
+    "stage_reference",
 ]
 
 Format = Literal["parquet", "hf", "jsonl", "csv"]
@@ -96,7 +96,8 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One model applied to every row."""
+    """One model applied to every row. `inputs` maps each task input to an input column or to a field of an
+    earlier stage's output, written `<stage>.<field>` (e.g. {text: summarize.summary_text})."""
 
     name: str
     task: str
@@ -114,6 +115,8 @@ class StageSpec:
     num_cpus: float | None = None
     dtype: DType = "auto"
     device: Device = "auto"
+    # False: the stage feeds later stages but its fields are not written to the output.
+    output: bool = True
 
     def replica_range(self) -> tuple[int, int]:
         if isinstance(self.replicas, int):
@@ -169,7 +172,7 @@ class JobSpec:
 
     @property
     def stage(self) -> StageSpec:
-        """The job's stage (one per job in this version)."""
+        """The first stage: a fine-tune's only stage, or a single-stage job's."""
         return self.stages[0]
 
 
@@ -201,120 +204,6 @@ def _has_suffix(uri: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Generic, typed conversion of plain YAML data into the dataclasses above.
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is tuple:
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} items [{', '.join(_type_name(a) for a in args)}]"
-    if origin is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-# PyYAML follows YAML 1.1, where a float needs a dot: `lr: 5e-5` loads as the string "5e-5". Users (and
-# YAML 1.2) mean a number, so float keys accept exactly that spelling; other strings stay errors.
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise SpecError(key, f"got {value!r}; allowed: {', '.join(repr(a) for a in get_args(tp))}")
-    if origin in (Union, types.UnionType):
-        errors = []
-        for arg in get_args(tp):
-            try:
-                return _convert(value, arg, key)
-            except SpecError as e:
-                errors.append(e)
-        for inner in errors:
-            if (
-                inner.key != key
-            ):  # the value had this arm's shape (a mapping, a list); the mistake is inside it
-                raise inner
-        raise SpecError(key, f"got {value!r}; expected {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise SpecError(key, f"got {value!r}; expected null")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is tuple:
-        if not isinstance(value, Sequence) or isinstance(value, str | bytes):
-            raise SpecError(key, f"got {value!r}; expected {_type_name(tp)}")
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise SpecError(key, f"got {value!r}; expected {_type_name(tp)}")
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise SpecError(key, f"got {value!r}; expected a mapping")
-        kt, vt = get_args(tp)
-        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise SpecError(key, f"got {value!r}; expected true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise SpecError(key, f"got {value!r}; expected an integer")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
-            return float(value)
-        raise SpecError(key, f"got {value!r}; expected a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise SpecError(key, f"got {value!r}; expected a string")
-    raise TypeError(f"spec type {tp!r} at {key} is not supported")  # a bug in this module, not user input
-
-
-def _build(cls: Any, data: Any, prefix: str) -> Any:
-    where = prefix or "the job spec"
-    if not isinstance(data, Mapping):
-        raise SpecError(prefix, f"expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys need not be strings (`1: x`)
-    if unknown:
-        name = unknown[0]
-        key = f"{prefix}.{name}" if prefix else str(name)
-        close = difflib.get_close_matches(str(name), list(fields), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise SpecError(key, f"unknown key in {where}; {hint}allowed keys: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise SpecError(key, f"required key is missing from {where}")
-    return cls(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------
 
 
 def _positive(key: str, value: float | int | None) -> None:
@@ -322,39 +211,42 @@ def _positive(key: str, value: float | int | None) -> None:
         raise SpecError(key, f"must be greater than 0, got {value!r}")
 
 
-def _validate(spec: JobSpec) -> JobSpec:
-    from models.registry import check_inputs, get_task  # lazy: registry imports task modules
+# A stage name names its fields in the output (`<stage>.<field>`) and in later stages' inputs.
+_STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
-    if not spec.name.strip():
-        raise SpecError("name", "must not be empty")
+
+def stage_reference(value: str, earlier: Sequence[str]) -> tuple[str, str] | None:
+    """(stage, field) when a stage input `value` names a field of one of the `earlier` stages
+    (`<stage>.<field>`), else None: it names an input column."""
+    stage, dot, name = value.partition(".")
+    if dot and name and stage in earlier:
+        return stage, name
+    return None
+
+
+def _validate_stages(spec: JobSpec) -> None:
     if not spec.stages:
         raise SpecError("stages", "at least one stage is required")
-    if len(spec.stages) > 1:
-        raise SpecError(
-            "stages",
-            f"this version runs one stage per job, got {len(spec.stages)}; split the stages into separate "
-            "jobs (the output of one job can be the input of the next)",
-        )
-    if _has_suffix(spec.input.uri):
-        spec.input.resolved_format()  # raises with the fix if the format cannot be told
-    # else: a folder; `sources.resolve_format` looks at its files before the job starts
-    _positive("input.shard_rows", spec.input.shard_rows)
-    _positive("input.limit", spec.input.limit)
-    renamed = list(spec.input.kept_as().values())
-    if len(set(renamed)) != len(renamed):
-        raise SpecError("input.keep_columns", f"two kept columns get the same output name: {renamed}")
-    _positive("input.shard_bytes", spec.input.shard_bytes)
-    _positive("input.max_row_bytes", spec.input.max_row_bytes)
-    if not 0.0 <= spec.max_error_rate <= 1.0:
-        raise SpecError("max_error_rate", f"must be between 0 and 1, got {spec.max_error_rate}")
+    names: list[str] = []
     for i, stage in enumerate(spec.stages):
         key = f"stages[{i}]"
-        try:
-            task = get_task(stage.task)
-        except KeyError as e:
-            raise SpecError(f"{key}.task", str(e.args[0])) from None
-        check_inputs(task, stage.inputs, key=f"{key}.inputs")
-        task.parse_params(stage.params, key=f"{key}.params")
+        if not _STAGE_NAME.fullmatch(stage.name):
+            raise SpecError(
+                f"{key}.name",
+                f"{stage.name!r} is not a stage name: use letters, digits, '_' and '-', starting with a letter "
+                "(it names the stage's fields in the output and in later stages' inputs)",
+            )
+        if stage.name in names:
+            raise SpecError(f"{key}.name", f"two stages are named {stage.name!r}; stage names must be unique")
+        later = [s.name for s in spec.stages[i + 1 :]]
+        for task_input, source in stage.inputs.items():
+            if stage_reference(source, later) is not None:
+                raise SpecError(
+                    f"{key}.inputs.{task_input}",
+                    f"{source!r} refers to stage {source.partition('.')[0]!r}, which comes later in the list; "
+                    "a stage reads only input columns and fields of earlier stages (list order is run order)",
+                )
+        names.append(stage.name)
         _positive(f"{key}.batch_size", stage.batch_size)
         _positive(f"{key}.max_batch_tokens", stage.max_batch_tokens)
         lo, hi = stage.replica_range()
@@ -370,7 +262,37 @@ def _validate(spec: JobSpec) -> JobSpec:
             raise SpecError(
                 f"{key}.num_gpus", "device is 'cuda' but num_gpus is 0; set num_gpus (e.g. 1 or 0.5)"
             )
+    if not any(s.output for s in spec.stages):
+        raise SpecError(
+            f"stages[{len(spec.stages) - 1}].output",
+            "every stage has output: false, so the job would write nothing; let at least one stage write",
+        )
+
+
+def _validate(spec: JobSpec) -> JobSpec:
+    """Structural checks (what a key's value may be, whatever the task); `pipeline.bind` checks the rest."""
+    if not spec.name.strip():
+        raise SpecError("name", "must not be empty")
+    _validate_stages(spec)
+    if _has_suffix(spec.input.uri):
+        spec.input.resolved_format()  # raises with the fix if the format cannot be told
+    # else: a folder; `sources.resolve_format` looks at its files before the job starts
+    _positive("input.shard_rows", spec.input.shard_rows)
+    _positive("input.limit", spec.input.limit)
+    renamed = list(spec.input.kept_as().values())
+    if len(set(renamed)) != len(renamed):
+        raise SpecError("input.keep_columns", f"two kept columns get the same output name: {renamed}")
+    _positive("input.shard_bytes", spec.input.shard_bytes)
+    _positive("input.max_row_bytes", spec.input.max_row_bytes)
+    if not 0.0 <= spec.max_error_rate <= 1.0:
+        raise SpecError("max_error_rate", f"must be between 0 and 1, got {spec.max_error_rate}")
     if spec.kind == "finetune":
+        if len(spec.stages) > 1:
+            raise SpecError(
+                "stages",
+                f"a fine-tune trains one model, got {len(spec.stages)} stages; keep one stage (its task, base model "
+                "and inputs), and run a multi-stage inference job with the fine-tuned model afterwards",
+            )
         if spec.output.mode == "incremental":
             raise SpecError(
                 "output.mode",
@@ -385,29 +307,19 @@ def _validate(spec: JobSpec) -> JobSpec:
         _positive("train.batch_size", t.batch_size)
         _positive("train.num_workers", t.num_workers)
         _positive("train.max_length", t.max_length)
-        parse_options = getattr(get_task(spec.stage.task), "parse_training_options", None)
-        if callable(parse_options):
-            parse_options(t.options, key="train.options")
-        elif t.options:
-            raise SpecError(
-                f"train.options.{next(iter(t.options))}",
-                f"task {spec.stage.task!r} takes no training options; remove train.options",
-            )
         if not 0.0 <= t.eval_fraction < 1.0:
             raise SpecError("train.eval_fraction", f"must be in [0, 1), got {t.eval_fraction}")
         if t.eval_input is not None and t.eval_input.format is None and _has_suffix(t.eval_input.uri):
             format_from_uri(t.eval_input.uri, key="train.eval_input.format")
-        if spec.output.mode == "resume":
-            # A fine-tune writes one model folder; "resume" has no meaning for it beyond refusing to clobber.
-            pass
     elif spec.train is not None:
         raise SpecError("train", "the 'train' section is only allowed with kind: finetune")
     return spec
 
 
 def parse_spec(data: Mapping[str, Any]) -> JobSpec:
-    """Build and validate a JobSpec from plain data (as loaded from YAML)."""
-    spec = _build(JobSpec, data, "")
+    """Build and validate a JobSpec from plain data (as loaded from YAML). Task-aware checks are
+    `pipeline.bind.bind`'s: call it (run_inference and the CLI do) before trusting a stage's params."""
+    spec = build(JobSpec, data, "")
     return _validate(spec)
 
 
@@ -468,12 +380,4 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     return parse_spec(apply_overrides(data, overrides))
 
 
-def spec_to_dict(spec: Any) -> Any:
-    """Plain data (JSON-able) for a spec dataclass; used for fingerprints and the manifest."""
-    if dataclasses.is_dataclass(spec):
-        return {f.name: spec_to_dict(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
-    if isinstance(spec, tuple | list):
-        return [spec_to_dict(v) for v in spec]
-    if isinstance(spec, dict):
-        return {k: spec_to_dict(v) for k, v in spec.items()}
-    return spec
+spec_to_dict = to_plain  # plain data for a spec dataclass (fingerprints, the manifest)

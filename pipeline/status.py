@@ -14,13 +14,15 @@ Exit 2 (from the CLI) means the folder is not a shardwise output or a file in it
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
-from pipeline.commit import SUCCESS, OutputDir
+from pipeline.commit import READ_STAGE, SUCCESS, OutputDir
 from pipeline.errors import OutputError
 from pipeline.lease import read_lease
 
-__all__ = ["EXIT_CODES", "output_status"]
+__all__ = ["EXIT_CODES", "output_status", "stage_counts"]
 
 EXIT_CODES = {"succeeded": 0, "failed": 1, "incomplete": 3, "interrupted": 4, "partial": 4, "running": 5}
 
@@ -89,18 +91,40 @@ def _inference(out: OutputDir, manifest: dict[str, Any], info: dict[str, Any], *
     total = int(manifest.get("shards_total") or 0)
     rows_in = sum(r.rows_in for r in good.values())
     rows_error = sum(r.rows_error for r in good.values())
+    by_stage: Counter[str] = Counter()
+    for r in good.values():
+        by_stage.update(r.stage_errors())
+    names = [
+        str(s.get("name")) for s in (manifest.get("spec") or {}).get("stages") or [] if isinstance(s, dict)
+    ]
     info.update(
         shards_done=len(good),
         shards_total=total,
         rows_total=manifest.get("rows_total"),
         rows_ok=rows_in - rows_error,
         rows_error=rows_error,
+        rows_error_read=by_stage.get(READ_STAGE, 0),
+        stages=stage_counts(names, rows_in, by_stage),
     )
     for shard, why in sorted(bad.items()):
         info["problems"].append(f"shard {shard}: {why}")
     missing = total - len(good) - len(bad)
     if missing > 0 and manifest.get("state") == "succeeded":
         info["problems"].append(f"{missing} shard(s) have no commit record")
+
+
+def stage_counts(
+    names: list[str], rows_in: int, errors_by_stage: Mapping[str, int]
+) -> dict[str, dict[str, int]]:
+    """Per stage, in run order: rows that reached it, passed it and failed in it (a row that failed in an
+    earlier stage, or could not be read, never reaches it)."""
+    reached = rows_in - errors_by_stage.get(READ_STAGE, 0)
+    out = {}
+    for name in names:
+        failed = errors_by_stage.get(name, 0)
+        out[name] = {"rows_in": reached, "rows_ok": reached - failed, "rows_error": failed}
+        reached -= failed
+    return out
 
 
 def _finetune(out: OutputDir, manifest: dict[str, Any], info: dict[str, Any]) -> None:

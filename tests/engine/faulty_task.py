@@ -13,6 +13,9 @@ failure:
     FAIL_POSTPROCESS  postprocess raises PostprocessFault for the row
 
 Messages name the row id, so a test can check that each error record carries its own row's error.
+
+Its params may only be parsed on the driver: workers get the bound stage (parsed params) and must never parse
+a spec again, so `parse_params` raises inside a Ray worker (`WorkerParsedParams`, failing the job).
 Ray workers find this module through `SHARDWISE_TASK_MODULES` (set by the `ray_session` fixture).
 """
 
@@ -41,6 +44,16 @@ class ForwardFault(Exception):
 
 class PostprocessFault(Exception):
     pass
+
+
+class WorkerParsedParams(Exception):
+    pass
+
+
+def _in_ray_worker() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
 
 
 def _markers(text: Any) -> set[str]:
@@ -108,6 +121,8 @@ class FaultyTextClassification:
         self.real = TextClassification()
 
     def parse_params(self, params: Mapping[str, Any], *, key: str) -> TextClassificationParams:
+        if _in_ray_worker():
+            raise WorkerParsedParams("a Ray worker parsed a stage's params: workers must get the bound stage")
         return self.real.parse_params(params, key=key)
 
     def output_schema(self, params: TextClassificationParams) -> pa.Schema:

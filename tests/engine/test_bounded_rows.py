@@ -78,7 +78,7 @@ def test_jsonl_line_over_max_row_bytes_is_one_error_record(ray_session, tiny_mod
     (error,) = read_errors(str(tmp_path / "out")).to_pylist()
     # The line was never parsed, so its id is unknown: the record says where the row is.
     assert (error["input_file"], error["input_row"], error["id"]) == ("in.jsonl", 7, None)
-    assert error["stage"] == "read"
+    assert error["step"] == "read"
     assert "input.max_row_bytes (1048576 bytes)" in error["message"]
     assert "raise input.max_row_bytes or fix the file" in error["message"]
     assert sorted(read_output(str(tmp_path / "out")).column("id").to_pylist()) == [

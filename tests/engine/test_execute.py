@@ -110,7 +110,7 @@ def test_bad_rows_become_error_records_with_exact_counts(ray_session, tiny_model
     assert result.shards_total == 3 and pq.read_table(tmp_path / "out" / "part-00002.parquet").num_rows == 0
     errors = read_errors(str(tmp_path / "out"))
     assert sorted(int(i) for i in errors.column("id").to_pylist()) == sorted(bad)
-    assert set(errors.column("stage").to_pylist()) == {"preprocess"}
+    assert set(errors.column("step").to_pylist()) == {"preprocess"}
     assert all("null" in m for m in errors.column("message").to_pylist())
     preds = read_output(str(tmp_path / "out"))
     ids = preds.column("id").to_pylist()
@@ -142,7 +142,7 @@ def test_jsonl_broken_lines_and_mixed_types_are_error_records(ray_session, tiny_
     # A broken line has no readable id: its record has a null id and says where the row is.
     assert set(errors) == {("in.jsonl", 3), ("in.jsonl", 8)}
     assert errors[("in.jsonl", 3)]["id"] is None and errors[("in.jsonl", 8)]["id"] == 8
-    assert {e["stage"] for e in errors.values()} == {"read"}
+    assert {e["step"] for e in errors.values()} == {"read"}
     assert "holds a int" in errors[("in.jsonl", 8)]["message"]
 
 

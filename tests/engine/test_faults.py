@@ -86,9 +86,9 @@ def test_replica_sigkilled_mid_job_loses_and_duplicates_nothing(ray_session, tin
     worker.start()
     out = tmp_path / "out"
     _wait_for(
-        lambda: _committed(out) >= 4 and _pids_matching("MapBatches(Replica)"), timeout=180, what="4 commits"
+        lambda: _committed(out) >= 4 and _pids_matching("MapBatches(Replica["), timeout=180, what="4 commits"
     )
-    killed = _pids_matching("MapBatches(Replica)")
+    killed = _pids_matching("MapBatches(Replica[")
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
     committed_at_kill = _committed(out)

@@ -79,16 +79,16 @@ def test_rows_failing_in_each_step_are_error_records_and_only_they_fail(ray_sess
     errors = errors_by_id(str(tmp_path / "out"))
     assert set(errors) == bad  # each failed row exactly once (errors_by_id checks for duplicates)
     for i, (_, stage, error_type, message) in FAULTS.items():
-        assert (errors[i]["stage"], errors[i]["error_type"], errors[i]["message"]) == (
+        assert (errors[i]["step"], errors[i]["error_type"], errors[i]["message"]) == (
             stage,
             error_type,
             message,
         ), i
     # A result count that does not match the rows is the step's own error, on just the row left out.
-    assert errors[12]["stage"] == "forward" and "0 outputs for 1 rows" in errors[12]["message"]
-    assert errors[55]["stage"] == "preprocess" and "0 results for 1 rows" in errors[55]["message"]
+    assert errors[12]["step"] == "forward" and "0 outputs for 1 rows" in errors[12]["message"]
+    assert errors[55]["step"] == "preprocess" and "0 results for 1 rows" in errors[55]["message"]
     # An empty output reaches no postprocess: "no output", not a lost row.
-    assert errors[33]["error_type"] == "MissingOutput" and errors[33]["stage"] in ("forward", "postprocess")
+    assert errors[33]["error_type"] == "MissingOutput" and errors[33]["step"] in ("forward", "postprocess")
 
     got = predictions_by_id(str(tmp_path / "out"))
     want = predictions_by_id(str(tmp_path / "plain"))
@@ -120,5 +120,5 @@ def test_a_shard_with_a_single_row_that_fails_is_an_error_record(ray_session, ti
     assert (
         errors[1]["error_type"] == "PreprocessFault" and errors[1]["message"] == "preprocess failed on row 1"
     )
-    assert errors[2]["stage"] == "preprocess" and "0 results for 1 rows" in errors[2]["message"]
+    assert errors[2]["step"] == "preprocess" and "0 results for 1 rows" in errors[2]["message"]
     assert set(predictions_by_id(str(tmp_path / "out"))) == {0}

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from pipeline.commit import OutputDir, error_schema
+from pipeline.commit import OUTPUT_FORMAT, OutputDir, error_schema
 
 
 def _output(
@@ -31,8 +31,8 @@ def _output(
     if error_ids is not None:
         n = len(error_ids)
         errors = pa.table(
-            [error_ids, pa.array(["f"] * n), pa.array([0] * n, pa.int64()), pa.array(["preprocess"] * n),
-             pa.array(["ValueError"] * n), pa.array(["bad row"] * n)],
+            [error_ids, pa.array(["f"] * n), pa.array([0] * n, pa.int64()), pa.array(["s"] * n),
+             pa.array(["preprocess"] * n), pa.array(["ValueError"] * n), pa.array(["bad row"] * n)],
             schema=schema,
         )  # fmt: skip
     out.commit_shard("00000", run_id="r1", fingerprint="fp", predictions=predictions, errors=errors)
@@ -43,7 +43,7 @@ def _output(
         "stages": [{"name": "s", "task": task, "model": "/m", "inputs": inputs, "params": {}}],
         "output": {"uri": str(path), "mode": "resume"},
     }
-    out.write_manifest({"format": 2, "kind": "inference", "name": "t", "state": "succeeded", "spec": spec})
+    out.write_manifest({"format": OUTPUT_FORMAT, "kind": "inference", "name": "t", "state": "succeeded", "spec": spec})
     return out
 
 

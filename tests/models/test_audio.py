@@ -195,7 +195,7 @@ def test_bad_audio_catalogue_one_error_record_each(ray_session, ctc_model: Path,
     assert (result.rows_in, result.rows_ok, result.rows_error) == (15, 4, 11)
     errors = {int(r["id"]): r for r in read_errors(str(tmp_path / "out")).to_pylist()}
     assert {i: e["error_type"] for i, e in errors.items()} == {i: kind for i, (_, kind) in bad.items()}
-    assert {e["stage"] for e in errors.values()} == {"preprocess"}
+    assert {e["step"] for e in errors.values()} == {"preprocess"}
     messages = {
         kind: e["message"] for e, (_, kind) in zip((errors[i] for i in bad), bad.values(), strict=True)
     }

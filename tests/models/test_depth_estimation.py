@@ -250,6 +250,6 @@ def test_inference_job(ray_session, models: dict[str, Path], images: list[bytes]
     assert (run.rows_ok, run.rows_error) == (8, 2)
     errors = read_errors(str(tmp_path / "out")).to_pylist()
     assert sorted(int(e["id"]) for e in errors) == [3, 7]
-    assert {e["stage"] for e in errors} == {"preprocess"}
+    assert {e["step"] for e in errors} == {"preprocess"}
     rows = read_output(str(tmp_path / "out")).sort_by("id").to_pylist()
     assert_depth_matches(rows, _pipeline(models["dpt"])([decoded(b) for b in images]))

@@ -325,7 +325,7 @@ def test_finetune_job_then_inference_job(ray_session, models: dict[str, Path], t
     assert (run.rows_ok, run.rows_error) == (8, 4)
     errors = read_errors(str(tmp_path / "out")).sort_by("id").to_pylist()
     assert sorted(int(e["id"]) for e in errors) == [2, 5, 8, 11]
-    assert {e["stage"] for e in errors} == {"preprocess"}
+    assert {e["step"] for e in errors} == {"preprocess"}
     rows = read_output(str(tmp_path / "out")).sort_by("id").to_pylist()
     expected = _pipeline(model_dir)([decoded(b) for b in test_images])
     count, _ = assert_same_segments(rows, expected)

@@ -285,6 +285,6 @@ def test_bad_image_catalogue_one_error_record_each(ray_session, tmp_path: Path) 
     errors = {r["id"]: r for r in read_errors(str(tmp_path / "out")).to_pylist()}
     assert sorted(errors) == sorted(bad)
     for row_id, (_, error_type, words) in bad.items():
-        assert errors[row_id]["stage"] == "preprocess", row_id
+        assert errors[row_id]["step"] == "preprocess", row_id
         assert errors[row_id]["error_type"] == error_type, (row_id, errors[row_id])
         assert words in errors[row_id]["message"], (row_id, errors[row_id]["message"])

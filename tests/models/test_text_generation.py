@@ -136,6 +136,34 @@ def test_chat_parity_with_pipeline(llama_dir: Path) -> None:
     )
 
 
+def test_prompt_template_and_chat_wrap_a_text_input(llama_dir: Path) -> None:
+    """A text input (e.g. an earlier stage's output) becomes an instruction: `prompt_template` gives the
+    pipeline's reply to the templated prompt; `chat` (+ `system_prompt`) the pipeline's reply to that chat."""
+    texts = make_texts(5, seed=8, max_words=12)  # prompts within the tiny model's 128 positions
+    template = "summarize in one line: {text}"
+    pipe = _pipeline(llama_dir)
+    params = {"max_new_tokens": 8, "do_sample": False, "prompt_template": template}
+    got = _run(llama_dir, params, text=texts, batch_size=3)
+    for g, t in zip(got, texts, strict=True):
+        prompt = template.replace("{text}", t)
+        assert g["generated_text"] == pipe(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    params = {**params, "chat": True, "system_prompt": "be brief"}
+    got = _run(llama_dir, params, text=texts, batch_size=3)
+    for g, t in zip(got, texts, strict=True):
+        chat = [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": template.replace("{text}", t)},
+        ]
+        assert (
+            g["generated_text"]
+            == pipe(chat, max_new_tokens=8, do_sample=False)[0]["generated_text"][-1]["content"]
+        )
+    with pytest.raises(SpecError, match=r"params.prompt_template: must contain \{text\}"):
+        TASK.parse_params({"prompt_template": "no slot"}, key="params")
+    with pytest.raises(SpecError, match="set chat: true"):
+        TASK.parse_params({"system_prompt": "x"}, key="params")
+
+
 def test_finish_reasons_eos_and_stop(tmp_path: Path, gpt2_dir: Path) -> None:
     """An EOS the model emits ends a row with finish_reason "eos"; a stop string with "stop" (the string
     kept, as the pipeline's stop_sequence); the rest run to max_new_tokens. Texts match the pipeline."""
@@ -287,7 +315,7 @@ def test_job_sampling_same_rows_same_texts_across_shardings(
         result = run_inference(spec, progress=False)
         assert (result.rows_ok, result.rows_error) == (39, 1)
         errors = read_errors(str(tmp_path / out)).to_pylist()
-        assert [(e["id"], e["stage"], e["error_type"]) for e in errors] == [(5, "preprocess", "InvalidInput")]
+        assert [(e["id"], e["step"], e["error_type"]) for e in errors] == [(5, "preprocess", "InvalidInput")]
         return read_output(str(tmp_path / out)).sort_by("id").to_pylist()
 
     a = job("a", shard_rows=40, batch_size=8)

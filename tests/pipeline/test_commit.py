@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.commit import ERROR_SCHEMA, OutputDir, ShardRecord, read_errors, read_output
+from pipeline.bind import bind
+from pipeline.commit import ERROR_SCHEMA, OUTPUT_FORMAT, OutputDir, ShardRecord, read_errors, read_output
 from pipeline.errors import FingerprintMismatch, OutputError
 from pipeline.plan import fingerprint
 from pipeline.sources import Fragment
@@ -48,7 +49,8 @@ def _errors(ids: list[str]) -> pa.Table:
             "id": ids,
             "input_file": ["in.parquet"] * n,
             "input_row": list(range(n)),
-            "stage": ["preprocess"] * n,
+            "stage": ["s"] * n,
+            "step": ["preprocess"] * n,
             "error_type": ["InvalidInput"] * n,
             "message": ["input 'text' is null"] * n,
         },
@@ -219,7 +221,9 @@ def test_driver_sees_commits_of_other_processes(out_uri: tuple[str, dict[str, An
     """
     uri, opts = out_uri
     driver = OutputDir(uri, storage_options=opts)
-    driver.write_manifest({"format": 2, "kind": "inference", "fingerprint": "fp", "fingerprint_parts": {}})
+    driver.write_manifest(
+        {"format": OUTPUT_FORMAT, "kind": "inference", "fingerprint": "fp", "fingerprint_parts": {}}
+    )
     driver.commit_shard("00000", run_id="r", fingerprint=FP, predictions=_preds(["a"]), errors=NO_ERRORS)
     assert set(driver.prepare(fingerprint="fp", parts={}, mode="resume")) == {"00000"}
     worker = (
@@ -254,13 +258,21 @@ def _job(params: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         }
     )
     frags = [Fragment("/d/in.parquet", "in.parquet", 100, "v1", 10, 10.0)]
-    return fingerprint(spec, frags, model_identity={"model": "m", "weights": {"model.safetensors": "h"}})
+    return fingerprint(
+        bind(spec), frags, model_identities={"s": {"model": "m", "weights": {"model.safetensors": "h"}}}
+    )
 
 
 def _start(out: OutputDir, fp: str, parts: dict[str, Any]) -> None:
     """What the driver does after prepare(): record the job in the manifest."""
     out.write_manifest(
-        {"format": 2, "kind": "inference", "fingerprint": fp, "fingerprint_parts": parts, "state": "running"}
+        {
+            "format": OUTPUT_FORMAT,
+            "kind": "inference",
+            "fingerprint": fp,
+            "fingerprint_parts": parts,
+            "state": "running",
+        }
     )
 
 
@@ -289,7 +301,7 @@ def test_resume_refuses_a_different_job(out_uri: tuple[str, dict[str, Any]]) -> 
         out.prepare(fingerprint=fp2, parts=parts2, mode="resume")
     message = str(info.value)
     assert isinstance(info.value, OutputError)
-    assert "the params changed" in message
+    assert "the stages.s.params changed" in message
     assert "--overwrite" in message and "output.mode: overwrite" in message
     assert fp[:12] in message and fp2[:12] in message
     assert out.exists("part-00000.parquet")  # nothing was touched
@@ -299,14 +311,15 @@ def test_mismatch_names_every_changed_part(out_uri: tuple[str, dict[str, Any]]) 
     out = _out(out_uri)
     fp, parts = _job()
     _start(out, fp, parts)
-    changed = {**parts, "task": "token-classification", "model": {"model": "other"}}
-    with pytest.raises(FingerprintMismatch, match=r"the task, model changed"):
+    stage = {**parts["stages"]["s"], "task": "token-classification", "model": {"model": "other"}}
+    changed = {**parts, "stages": {"s": stage}, "plan": 0}
+    with pytest.raises(FingerprintMismatch, match=r"the plan, stages.s.task, stages.s.model changed"):
         out.prepare(fingerprint="f" * 64, parts=changed, mode="resume")
 
 
 def test_mismatch_with_a_manifest_without_parts(out_uri: tuple[str, dict[str, Any]]) -> None:
     out = _out(out_uri)
-    out.write_manifest({"format": 2, "kind": "inference", "fingerprint": "0" * 64})
+    out.write_manifest({"format": OUTPUT_FORMAT, "kind": "inference", "fingerprint": "0" * 64})
     fp, parts = _job()
     with pytest.raises(FingerprintMismatch, match="--overwrite"):
         out.prepare(fingerprint=fp, parts=parts, mode="resume")

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.commit import ERROR_SCHEMA, Ledger, OutputDir, ShardRecord
+from pipeline.commit import ERROR_SCHEMA, OUTPUT_FORMAT, Ledger, OutputDir, ShardRecord
 from pipeline.errors import CorruptOutput, OutputError, OutputLocked, SpecError
 from pipeline.lease import LEASE, Lease, read_lease
 from pipeline.locations import check_output_location
@@ -37,7 +37,8 @@ def _commit(out: OutputDir, sid: str, n: int, *, fp: str = FP, run_id: str = "r1
             "id": [f"e{i}" for i in range(errors)],
             "input_file": ["in"] * errors,
             "input_row": list(range(errors)),
-            "stage": ["read"] * errors,
+            "stage": [None] * errors,
+            "step": ["read"] * errors,
             "error_type": ["X"] * errors,
             "message": ["m"] * errors,
         },
@@ -51,7 +52,7 @@ def _commit(out: OutputDir, sid: str, n: int, *, fp: str = FP, run_id: str = "r1
 def _manifest(out: OutputDir, *, state: str = "succeeded", total: int = 3, kind: str = "inference") -> None:
     out.write_manifest(
         {
-            "format": 2,
+            "format": OUTPUT_FORMAT,
             "kind": kind,
             "name": "j",
             "state": state,

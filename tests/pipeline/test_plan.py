@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.bind import bind
 from pipeline.plan import Shard, fingerprint, plan_shards
 from pipeline.sources import Fragment, list_fragments
 from pipeline.spec import JobSpec, parse_spec
@@ -148,7 +149,7 @@ def test_shards_over_real_files(tmp_path: Path) -> None:
 
 
 def _fp(spec: JobSpec, frags: list[Fragment], model: dict[str, Any] = MODEL) -> str:
-    return fingerprint(spec, frags, model_identity=model)[0]
+    return fingerprint(bind(spec), frags, model_identities={s.name: model for s in spec.stages})[0]
 
 
 FRAGS = [_frag("a.parquet", 10), _frag("b.parquet", 20)]
@@ -163,12 +164,13 @@ def _with_input(spec: JobSpec, **changes: Any) -> JobSpec:
 
 
 def test_fingerprint_is_deterministic_and_names_its_parts() -> None:
-    digest, parts = fingerprint(_spec(), FRAGS, model_identity=MODEL)
+    digest, parts = fingerprint(bind(_spec()), FRAGS, model_identities={"s": MODEL})
     assert len(digest) == 64 and int(digest, 16) >= 0
     assert digest == _fp(_spec(), list(FRAGS))
     assert json.loads(json.dumps(parts)) == parts  # stored in the manifest
     assert parts["input"]["files"] == [["a.parquet", 1000, "v1", 10], ["b.parquet", 1000, "v1", 20]]
-    assert parts["task"] == "text-classification" and parts["model"] == MODEL
+    stage = parts["stages"][_spec().stage.name]
+    assert stage["task"] == "text-classification" and stage["model"] == MODEL
 
 
 @pytest.mark.parametrize(
@@ -197,6 +199,9 @@ def test_fingerprint_changes_with_the_input_files(change: Any) -> None:
         pytest.param(lambda s: _with_stage(s, task="token-classification", params={}), id="task"),
         pytest.param(lambda s: _with_stage(s, inputs={"text": "title"}), id="inputs"),
         pytest.param(lambda s: _with_stage(s, dtype="bfloat16"), id="dtype"),
+        # The stage's name is in its error records (and names its column in a multi-stage job).
+        pytest.param(lambda s: _with_stage(s, name="renamed"), id="stage name"),
+        pytest.param(lambda s: _with_stage(s, output=False), id="output"),
         pytest.param(lambda s: _with_input(s, id_column="id"), id="id column"),
         pytest.param(lambda s: _with_input(s, keep_columns=("text",)), id="kept columns"),
         pytest.param(lambda s: _with_input(s, shard_rows=100), id="shard rows"),
@@ -229,7 +234,6 @@ def test_fingerprint_changes_with_the_model_identity(model: dict[str, Any]) -> N
         pytest.param(lambda s: _with_stage(s, num_gpus=0.5), id="num gpus"),
         pytest.param(lambda s: _with_stage(s, num_cpus=4.0), id="num cpus"),
         pytest.param(lambda s: _with_stage(s, max_batch_tokens=2048), id="max batch tokens"),
-        pytest.param(lambda s: _with_stage(s, name="renamed"), id="stage name"),
         pytest.param(
             lambda s: dataclasses.replace(s, name="other", max_error_rate=0.5), id="job name, error rate"
         ),

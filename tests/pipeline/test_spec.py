@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from pipeline.bind import bind
 from pipeline.errors import ShardwiseError, SpecError
 from pipeline.spec import (
     DEFAULT_SHARD_BYTES,
@@ -64,9 +65,23 @@ def _minimal() -> dict[str, Any]:
 
 
 def _error(data: dict[str, Any]) -> SpecError:
+    """The error of loading and binding `data` (structural keys fail in parse_spec, task keys in bind)."""
     with pytest.raises(SpecError) as info:
-        parse_spec(data)
+        bind(parse_spec(data))
     return info.value
+
+
+def _stage(name: str, task: str, inputs: dict[str, str], **kw: Any) -> dict[str, Any]:
+    return {"name": name, "task": task, "model": "m", "inputs": inputs, **kw}
+
+
+def _dag(*stages: dict[str, Any]) -> Any:
+    """A mutation that replaces the design spec's stages."""
+
+    def mutate(data: dict[str, Any]) -> None:
+        data["stages"] = list(stages)
+
+    return mutate
 
 
 # --- a valid spec ----------------------------------------------------------------------------------------
@@ -308,10 +323,80 @@ MISTAKES = [
         ["'data/rt.txt'", "set input.format", "parquet", "jsonl"],
     ),
     (
-        "two stages",
+        "duplicate stage name",
         lambda d: d["stages"].append(copy.deepcopy(d["stages"][0])),
+        "stages[1].name",
+        ["two stages are named 'sentiment'", "unique"],
+    ),
+    (
+        "stage name not an identifier",
+        _set("stages[0].name", "my stage"),
+        "stages[0].name",
+        ["'my stage' is not a stage name", "letters, digits"],
+    ),
+    (
+        "forward reference",
+        _dag(
+            _stage("cls", "text-classification", {"text": "gen.generated_text"}),
+            _stage("gen", "text-generation", {"text": "text"}),
+        ),
+        "stages[0].inputs.text",
+        ["'gen.generated_text' refers to stage 'gen', which comes later", "list order is run order"],
+    ),
+    (
+        "unknown field of an earlier stage",
+        _dag(
+            _stage("gen", "text-generation", {"text": "text"}),
+            _stage("cls", "text-classification", {"text": "gen.summary_text"}),
+        ),
+        "stages[1].inputs.text",
+        ["stage 'gen' (text-generation) has no field 'summary_text'", "generated_text", "finish_reason"],
+    ),
+    (
+        "a type the task cannot take",
+        _dag(
+            _stage("cls", "text-classification", {"text": "text"}),
+            _stage("sum", "summarization", {"text": "cls.score"}),
+        ),
+        "stages[1].inputs.text",
+        ["'cls.score' holds double values", "input 'text' of task 'summarization' takes text"],
+    ),
+    (
+        "text into an image input",
+        _dag(
+            _stage("gen", "text-generation", {"text": "text"}),
+            _stage("det", "object-detection", {"image": "gen.num_generated_tokens"}),
+        ),
+        "stages[1].inputs.image",
+        ["'gen.num_generated_tokens' holds int32 values", "takes image"],
+    ),
+    (
+        "every stage without output",
+        _set("stages[0].output", False),
+        "stages[0].output",
+        ["would write nothing"],
+    ),
+    (
+        "stage name taken by a kept column",
+        _dag(
+            _stage("text", "text-classification", {"text": "text"}),
+            _stage("ner", "token-classification", {"text": "text"}),
+        ),
+        "stages[0].name",
+        ["kept input column", "rename the stage"],
+    ),
+    (
+        "two stages in a fine-tune",
+        lambda d: d.update(
+            kind="finetune",
+            train={"epochs": 1},
+            stages=[
+                _stage("a", "text-classification", {"text": "text"}),
+                _stage("b", "text-classification", {"text": "text"}),
+            ],
+        ),
         "stages",
-        ["one stage per job", "got 2"],
+        ["a fine-tune trains one model, got 2 stages"],
     ),
     ("finetune needs train", _set("kind", "finetune"), "train", ["'train' section is missing"]),
     ("train only with finetune", _set("train", {"epochs": 1}), "train", ["only allowed with kind: finetune"]),
