@@ -508,7 +508,9 @@ def run_benchmark(
         if cfg.ray_worker_niceness is not None:
             os.environ["RAY_worker_niceness"] = str(cfg.ray_worker_niceness)  # read by the raylet at start
         try:
-            init_ray(address=None, num_cpus=embedded_cpus(bind(spec)), num_gpus=1 if cfg.device == "cuda" else None)
+            init_ray(
+                address=None, num_cpus=embedded_cpus(bind(spec)), num_gpus=1 if cfg.device == "cuda" else None
+            )
         finally:
             if saved is None:
                 os.environ.pop("RAY_worker_niceness", None)

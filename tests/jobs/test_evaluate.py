@@ -43,7 +43,9 @@ def _output(
         "stages": [{"name": "s", "task": task, "model": "/m", "inputs": inputs, "params": {}}],
         "output": {"uri": str(path), "mode": "resume"},
     }
-    out.write_manifest({"format": OUTPUT_FORMAT, "kind": "inference", "name": "t", "state": "succeeded", "spec": spec})
+    out.write_manifest(
+        {"format": OUTPUT_FORMAT, "kind": "inference", "name": "t", "state": "succeeded", "spec": spec}
+    )
     return out
 
 

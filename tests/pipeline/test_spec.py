@@ -372,7 +372,7 @@ MISTAKES = [
     ),
     (
         "every stage without output",
-        _set("stages[0].output", False),
+        _set("stages[0].output", False),  # noqa: FBT003
         "stages[0].output",
         ["would write nothing"],
     ),
