@@ -477,6 +477,9 @@ def _add_evaluate_parser(sub: Any) -> None:
     )
     ev.add_argument("--task", default=None, help="score as this task (default: the output's task)")
     ev.add_argument(
+        "--stage", default=None, metavar="NAME", help="in a multi-stage output, the stage to score"
+    )
+    ev.add_argument(
         "--label-names",
         default=None,
         metavar="A,B,...",
@@ -489,17 +492,26 @@ def _add_evaluate_parser(sub: Any) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from jobs.evaluate import EVAL_FILE, evaluate, format_table
+    from jobs.evaluate import eval_file, evaluate, format_table
 
     names = args.label_names.split(",") if args.label_names else None
     report = evaluate(
-        args.output, labels=args.labels, input_uri=args.input, task=args.task, label_names=names
+        args.output,
+        labels=args.labels,
+        input_uri=args.input,
+        task=args.task,
+        label_names=names,
+        stage=args.stage,
     )
     text = json.dumps(report, indent=1, sort_keys=True)
     if args.out_file:
         with open(args.out_file, "w") as f:
             f.write(text + "\n")
-    print(text if args.json else f"{format_table(report)}\nwritten to {args.output.rstrip('/')}/{EVAL_FILE}")
+    print(
+        text
+        if args.json
+        else f"{format_table(report)}\nwritten to {args.output.rstrip('/')}/{eval_file(report['stage'])}"
+    )
     return 0
 
 

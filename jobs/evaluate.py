@@ -20,7 +20,7 @@ import pyarrow as pa
 from models.metrics import METRICS, MetricsError, score
 from pipeline.errors import OutputError, ShardwiseError, SpecError
 
-__all__ = ["EVAL_FILE", "evaluate", "format_table"]
+__all__ = ["EVAL_FILE", "eval_file", "evaluate", "format_table"]
 
 EVAL_FILE = "_metrics/eval.json"
 # Per-class rows the printed table shows (all of them are in the JSON).
@@ -78,11 +78,13 @@ def evaluate(
     input_uri: str | None = None,
     task: str | None = None,
     label_names: Sequence[str] | None = None,
+    stage: str | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
     """Score the predictions in `output` against the column `labels`; returns (and writes to
-    `<output>/_metrics/eval.json`) the report: task, where the labels came from, row counts, metrics and
-    per-class metrics."""
+    `<output>/_metrics/eval.json`, or `eval-<stage>.json` for a stage of a multi-stage job) the report: task,
+    where the labels came from, row counts, metrics and per-class metrics. A multi-stage output is scored
+    one stage at a time: `stage` names it (it may be left out when only one stage is written)."""
     from pipeline.commit import OutputDir, read_errors, read_output
 
     out = OutputDir(output)
@@ -100,8 +102,8 @@ def evaluate(
             "inference job (run one with the fine-tuned model first)"
         )
     spec = manifest.get("spec") or {}
-    stage = (spec.get("stages") or [{}])[0]
-    task = task or stage.get("task")
+    stage_spec, stage_name = _pick_stage(spec.get("stages") or [{}], stage)
+    task = task or stage_spec.get("task")
     if task not in METRICS:
         raise MetricsError(
             f"task {task!r} has no metrics; tasks with metrics: {', '.join(sorted(METRICS))} (--task names "
@@ -112,6 +114,15 @@ def evaluate(
     id_out = kept.get(job_input.id_column, job_input.id_column) if job_input.id_column else "id"
 
     predictions = read_output(output)
+    if stage_name is not None:  # a multi-stage output: the stage's struct column holds its fields
+        fields = predictions.column(stage_name).combine_chunks().flatten()
+        names = [f.name for f in predictions.schema.field(stage_name).type]
+        predictions = pa.table(
+            {
+                **{c: predictions.column(c) for c in predictions.column_names if c not in _stage_names(spec)},
+                **dict(zip(names, fields, strict=True)),
+            }
+        )
     rows_missing = read_errors(output).num_rows
     if id_out not in predictions.column_names:
         raise OutputError(
@@ -122,7 +133,7 @@ def evaluate(
     if labels not in kept and labels in kept.values() and input_uri is None:
         labels = next(c for c, name in kept.items() if name == labels)  # the kept column's output name
     wanted: dict[str, str | None] = {labels: "required"}
-    text_column = stage.get("inputs", {}).get("text") if task == "token-classification" else None
+    text_column = stage_spec.get("inputs", {}).get("text") if task == "token-classification" else None
     if text_column:
         wanted[text_column] = None
     from_output = {c: kept[c] for c in wanted if c in kept and input_uri is None}
@@ -166,6 +177,7 @@ def evaluate(
         "output": output,
         "labels": asked,
         "labels_from": labels_from,
+        "stage": stage_name,
         "state": manifest.get("state"),
         "rows_scored": counts["rows_scored"],
         "rows_missing": rows_missing + counts["rows_missing"],
@@ -176,8 +188,41 @@ def evaluate(
         "evaluated_at": time.time(),
     }
     if write:
-        out.write_bytes(EVAL_FILE, json.dumps(report, indent=1, sort_keys=True).encode())
+        out.write_bytes(eval_file(stage_name), json.dumps(report, indent=1, sort_keys=True).encode())
     return report
+
+
+def eval_file(stage: str | None) -> str:
+    """Where the report goes in the output: `_metrics/eval.json`, or `_metrics/eval-<stage>.json`."""
+    return EVAL_FILE if stage is None else f"_metrics/eval-{stage}.json"
+
+
+def _stage_names(spec: dict[str, Any]) -> set[str]:
+    return {str(s.get("name")) for s in spec.get("stages") or [] if isinstance(s, dict)}
+
+
+def _pick_stage(stages: list[dict[str, Any]], name: str | None) -> tuple[dict[str, Any], str | None]:
+    """(the stage's spec, its struct column name or None for a single-stage output)."""
+    if len(stages) < 2:
+        if name is not None and name != stages[0].get("name"):
+            raise SpecError("--stage", f"the job has one stage, {stages[0].get('name')!r}; leave --stage out")
+        return stages[0], None
+    written = [s for s in stages if s.get("output", True)]
+    if name is None:
+        if len(written) != 1:
+            raise SpecError(
+                "--stage",
+                f"the job has {len(stages)} stages; name the one to score: "
+                + ", ".join(f"{s.get('name')} ({s.get('task')})" for s in written),
+            )
+        return written[0], str(written[0].get("name"))
+    for s in written:
+        if s.get("name") == name:
+            return s, name
+    raise SpecError(
+        "--stage",
+        f"no written stage is named {name!r}; the output's stages: {[s.get('name') for s in written]}",
+    )
 
 
 def _num(value: Any) -> str:
@@ -203,5 +248,7 @@ def format_table(report: dict[str, Any]) -> str:
         for name, values in list(per_class.items())[:_TABLE_CLASSES]:
             lines.append(f"  {str(name)[:30]:<{name_w}}  " + "  ".join(f"{_num(values[c]):>9}" for c in cols))
         if len(per_class) > _TABLE_CLASSES:
-            lines.append(f"  ... {len(per_class) - _TABLE_CLASSES} more classes in {EVAL_FILE}")
+            lines.append(
+                f"  ... {len(per_class) - _TABLE_CLASSES} more classes in {eval_file(report.get('stage'))}"
+            )
     return "\n".join(lines)

@@ -21,9 +21,11 @@ import pyarrow as pa
 import pytest
 import yaml
 
+from jobs.cli import main
 from pipeline.commit import OutputDir, read_errors, read_output
 from pipeline.execute import run_inference
 from pipeline.spec import parse_spec
+from pipeline.status import output_status
 from tests.engine.readback import assert_each_id_once, errors_by_id, predictions_by_id
 from tests.helpers import make_texts, write_texts_parquet
 from tests.models.gen_helpers import make_causal_lm
@@ -91,7 +93,7 @@ def _expected_errors() -> dict[int, tuple[str, str]]:
 
 
 @pytest.mark.timeout(300)
-def test_chain_and_fan_out_match_each_stage_alone(ray_session, tiny_model, tiny_gpt2, tmp_path):
+def test_chain_and_fan_out_match_each_stage_alone(ray_session, tiny_model, tiny_gpt2, tmp_path, capsys):
     """One job, three stages: every stage's fields equal the task run alone on the same values; a bad row
     fails once, at the first stage that cannot take it, and later stages skip it; counts add up per stage;
     the workers got bound stages (`test-faulty` refuses to parse params in a worker); no stage is fused into
@@ -136,6 +138,11 @@ def test_chain_and_fan_out_match_each_stage_alone(ray_session, tiny_model, tiny_
         "gen": {"rows_in": n - 2, "rows_ok": n - 3, "rows_error": 1},
         "cls": {"rows_in": n - 3, "rows_ok": n - 3, "rows_error": 0},
     }
+    # `status` reads the same per-stage counts from the commit records on storage
+    assert main(["status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"stage gen: {n - 2} rows in, {n - 3} ok, 1 errors" in printed
+    assert output_status(str(out))["stages"] == manifest["stages"]
     operators = [line for line in result.graph_stats.splitlines() if line.startswith("Operator")]
     pools = [op for op in operators if "Replica[" in op]
     assert len(pools) == 3, operators

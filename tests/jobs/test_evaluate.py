@@ -49,6 +49,52 @@ def _output(
     return out
 
 
+def test_a_stage_of_a_multi_stage_output(tmp_path, capsys):
+    """A DAG's output holds one struct column per stage: `--stage` scores one of them (and is required when
+    several are written); the report goes to _metrics/eval-<stage>.json."""
+    struct = pa.struct([("label", pa.string()), ("score", pa.float64())])
+    preds = pa.table(
+        {
+            "id": pa.array([1, 2, 3, 4], pa.int64()),
+            "gold": ["pos", "pos", "neg", "neg"],
+            "review": pa.array(
+                [{"label": lab, "score": 0.9} for lab in ["pos", "neg", "neg", "neg"]], struct
+            ),
+            "summary": pa.array(
+                [{"label": lab, "score": 0.9} for lab in ["neg", "pos", "neg", "pos"]], struct
+            ),
+        }
+    )
+    out = _output(
+        tmp_path / "out",
+        task="text-classification",
+        inputs={"text": "text"},
+        job_input={
+            "uri": str(tmp_path / "in.parquet"),
+            "id_column": "id",
+            "keep_columns": {"id": "id", "label": "gold"},
+        },
+        predictions=preds,
+        id_field=pa.field("id", pa.int64()),
+    )
+    manifest = out.read_manifest()
+    stage = manifest["spec"]["stages"][0]
+    manifest["spec"]["stages"] = [
+        {**stage, "name": "review"},
+        {**stage, "name": "summary", "inputs": {"text": "x.y"}},
+    ]
+    out.write_manifest(manifest)
+    assert main(["evaluate", str(tmp_path / "out"), "--labels", "gold"]) == 2
+    assert "--stage: the job has 2 stages; name the one to score: review" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "out"), "--labels", "gold", "--stage", "review"]) == 0
+    assert main(["evaluate", str(tmp_path / "out"), "--labels", "gold", "--stage", "summary"]) == 0
+    metrics = tmp_path / "out" / "_metrics"
+    review = json.loads((metrics / "eval-review.json").read_text())
+    summary = json.loads((metrics / "eval-summary.json").read_text())
+    assert (review["stage"], review["metrics"]["accuracy"]) == ("review", pytest.approx(0.75))
+    assert (summary["stage"], summary["metrics"]["accuracy"]) == ("summary", pytest.approx(0.5))
+
+
 def _eval_json(path: Path) -> dict[str, Any]:
     return json.loads((path / "_metrics" / "eval.json").read_text())
 
