@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,12 +24,12 @@ from pipeline.commit import OutputDir, read_errors, read_output
 from pipeline.execute import run_inference
 from pipeline.spec import parse_spec
 from pipeline.status import output_status
+from tests.engine.procs import cli, committed, pids_matching, wait_for
 from tests.engine.readback import assert_each_id_once, errors_by_id, predictions_by_id
 from tests.helpers import make_texts, write_texts_parquet
 from tests.models.gen_helpers import make_causal_lm
 from tests.models.nlp_helpers import run_task_in_process
 
-ROOT = Path(__file__).resolve().parents[2]
 GEN_PARAMS = {
     "max_new_tokens": 6,
     "do_sample": False,
@@ -167,31 +165,6 @@ def test_changing_one_stage_is_refused_naming_it(ray_session, tiny_model, tiny_g
     assert len(read_output(str(out))) == 20  # untouched
 
 
-def _pids_matching(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmd:
-                pids.append(int(entry.name))
-    return pids
-
-
-def _committed(out: Path) -> int:
-    return len(list((out / "_shards").glob("*.json"))) if (out / "_shards").exists() else 0
-
-
-def _wait_for(predicate, *, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_middle_stage_replica_sigkilled_loses_nothing(ray_session, tiny_model, tiny_gpt2, tmp_path):
@@ -212,11 +185,11 @@ def test_middle_stage_replica_sigkilled_loses_nothing(ray_session, tiny_model, t
 
     worker = threading.Thread(target=run)
     worker.start()
-    _wait_for(lambda: _committed(out) >= 3 and _pids_matching("Replica[gen]"), timeout=240, what="3 commits")
-    killed = _pids_matching("Replica[gen]")
+    wait_for(lambda: committed(out) >= 3 and pids_matching("Replica[gen]"), timeout=240, what="3 commits")
+    killed = pids_matching("Replica[gen]")
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
-    at_kill = _committed(out)
+    at_kill = committed(out)
     worker.join(timeout=300)
     assert not worker.is_alive()
     assert "error" not in outcome, outcome.get("error")
@@ -229,18 +202,6 @@ def test_middle_stage_replica_sigkilled_loses_nothing(ray_session, tiny_model, t
     generated = [preds[i]["gen"]["generated_text"] for i in ok]
     want = run_task_in_process("text-generation", tiny_gpt2, GEN_PARAMS, {"text": [texts[i] for i in ok]})
     assert generated == [w["generated_text"] for w in want]
-
-
-def _cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobs", *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 @pytest.mark.timeout(480)
@@ -257,9 +218,9 @@ def test_three_stage_job_driver_sigkilled_resumes_exactly_once(tiny_model, tiny_
     spec_path.write_text(yaml.safe_dump(job))
     total = n // 30
 
-    proc = _cli("run", str(spec_path), "--no-progress")
+    proc = cli("run", str(spec_path), "--no-progress")
     try:
-        _wait_for(lambda: _committed(out) >= total // 2 or proc.poll() is not None, timeout=360, what="half")
+        wait_for(lambda: committed(out) >= total // 2 or proc.poll() is not None, timeout=360, what="half")
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
@@ -268,7 +229,7 @@ def test_three_stage_job_driver_sigkilled_resumes_exactly_once(tiny_model, tiny_
     before = {p.stem for p in (out / "_shards").glob("*.json")}
     assert 0 < len(before) < total
 
-    rerun = _cli("run", str(spec_path), "--no-progress")
+    rerun = cli("run", str(spec_path), "--no-progress")
     _, stderr = rerun.communicate(timeout=360)
     assert rerun.returncode == 0, stderr
     manifest = json.loads((out / "_manifest.json").read_text())

@@ -17,37 +17,9 @@ import yaml
 from pipeline.commit import OutputDir, read_output
 from pipeline.execute import run_inference
 from pipeline.spec import parse_spec
+from tests.engine.procs import ROOT, cli, committed, pids_matching, wait_for
 from tests.engine.readback import assert_each_id_once, errors_by_id, predictions_by_id
 from tests.helpers import job_dict, make_texts, write_texts_parquet
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _pids_matching(text: str) -> list[int]:
-    """PIDs whose command line (Ray sets it to the actor's name) contains `text`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _committed(out: Path) -> int:
-    return len(list((out / "_shards").glob("*.json"))) if (out / "_shards").exists() else 0
-
-
-def _wait_for(predicate, *, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -85,13 +57,13 @@ def test_replica_sigkilled_mid_job_loses_and_duplicates_nothing(ray_session, tin
     worker = threading.Thread(target=run)
     worker.start()
     out = tmp_path / "out"
-    _wait_for(
-        lambda: _committed(out) >= 4 and _pids_matching("MapBatches(Replica["), timeout=180, what="4 commits"
+    wait_for(
+        lambda: committed(out) >= 4 and pids_matching("MapBatches(Replica["), timeout=180, what="4 commits"
     )
-    killed = _pids_matching("MapBatches(Replica[")
+    killed = pids_matching("MapBatches(Replica[")
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
-    committed_at_kill = _committed(out)
+    committed_at_kill = committed(out)
     worker.join(timeout=240)
     assert not worker.is_alive()
     assert "error" not in outcome, outcome.get("error")
@@ -122,20 +94,6 @@ def _write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
-def _cli(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobs", *args],
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
-
-
 @pytest.mark.timeout(420)
 def test_driver_sigkilled_midway_resumes_only_uncommitted_shards(ray_session, tiny_model, tmp_path):
     n = 2000
@@ -158,10 +116,10 @@ def test_driver_sigkilled_midway_resumes_only_uncommitted_shards(ray_session, ti
     out = tmp_path / "out"
     total = n // 50
 
-    proc = _cli("run", str(spec_path), "--no-progress")
+    proc = cli("run", str(spec_path), "--no-progress")
     try:
-        _wait_for(
-            lambda: _committed(out) >= total // 2 or proc.poll() is not None,
+        wait_for(
+            lambda: committed(out) >= total // 2 or proc.poll() is not None,
             timeout=300,
             what="half the shards",
         )
@@ -185,7 +143,7 @@ def test_driver_sigkilled_midway_resumes_only_uncommitted_shards(ray_session, ti
     # The killed driver's lease names a pid that is gone: nobody holds the output, so it is interrupted.
     assert (info["state"], status.returncode) == ("interrupted", 4) and info["shards_done"] == len(before)
 
-    rerun = _cli("run", str(spec_path), "--no-progress")
+    rerun = cli("run", str(spec_path), "--no-progress")
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
     manifest = json.loads((out / "_manifest.json").read_text())
