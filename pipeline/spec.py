@@ -26,6 +26,7 @@ __all__ = [
     "FinetuneSpec",
     "InputSpec",
     "JobSpec",
+    "LoraSpec",
     "OutputSpec",
     "StageSpec",
     "apply_overrides",
@@ -133,6 +134,20 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """`train.lora`: train low-rank adapters (peft LoRA) instead of every weight of the base model."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # Module names to adapt (e.g. [query, value] for BERT). None: peft's default for the architecture.
+    target_modules: tuple[str, ...] | None = None
+    # True: the published folder is the base model with the adapters merged in (loads like any model);
+    # False: the adapter folder (adapter_config.json + weights) with the base model's path in it.
+    merge: bool = True
+
+
+@dataclass(frozen=True)
 class FinetuneSpec:
     """Training settings for `kind: finetune` (the stage says task, base model and inputs)."""
 
@@ -158,6 +173,18 @@ class FinetuneSpec:
     # Task-specific training settings (e.g. token-classification `label_all_tokens`, causal-LM `packing`),
     # validated by the task (`parse_training_options`) before Ray starts.
     options: dict[str, Any] = field(default_factory=dict)
+    # Micro-batches whose gradients add up to one optimizer step: the global batch is batch_size × this.
+    grad_accum_steps: int = 1
+    # Worker failures (a killed or preempted worker) the run survives, restoring from its last checkpoint
+    # (Ray Train FailureConfig); -1: no limit.
+    max_failures: int = 0
+    # Also checkpoint every N optimizer steps within an epoch (None: at the end of each epoch only).
+    checkpoint_every_steps: int | None = None
+    # Stop when the eval metric has not improved for this many epochs (None: train every epoch).
+    early_stopping_patience: int | None = None
+    # "balanced": weight each class's loss by n_rows / (n_classes × rows of that class) (classification).
+    class_weights: Literal["balanced"] | None = None
+    lora: LoraSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -307,6 +334,16 @@ def _validate(spec: JobSpec) -> JobSpec:
         _positive("train.batch_size", t.batch_size)
         _positive("train.num_workers", t.num_workers)
         _positive("train.max_length", t.max_length)
+        _positive("train.grad_accum_steps", t.grad_accum_steps)
+        _positive("train.checkpoint_every_steps", t.checkpoint_every_steps)
+        _positive("train.early_stopping_patience", t.early_stopping_patience)
+        if t.max_failures < -1:
+            raise SpecError("train.max_failures", f"must be >= 0, or -1 for no limit; got {t.max_failures}")
+        if t.lora is not None:
+            _positive("train.lora.r", t.lora.r)
+            _positive("train.lora.alpha", t.lora.alpha)
+            if not 0.0 <= t.lora.dropout < 1.0:
+                raise SpecError("train.lora.dropout", f"must be in [0, 1), got {t.lora.dropout}")
         if not 0.0 <= t.eval_fraction < 1.0:
             raise SpecError("train.eval_fraction", f"must be in [0, 1), got {t.eval_fraction}")
         if t.eval_input is not None and t.eval_input.format is None and _has_suffix(t.eval_input.uri):
