@@ -777,7 +777,9 @@ def _finetune_locked(
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"loop": loop, "board": board},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, placement_strategy=t.placement.upper()
+        ),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -1165,6 +1167,14 @@ def _train_loop(config: dict[str, Any]) -> None:
         optimizer.zero_grad(set_to_none=True)
         return step + 1
 
+    nodes = 1
+    if world > 1:
+        import torch.distributed as dist
+
+        every_node: list[Any] = [None] * world
+        dist.all_gather_object(every_node, ray.get_runtime_context().get_node_id())
+        nodes = len(set(every_node))
+
     start_epoch = position["epoch"] if position is not None else len(history)
     step = position["step"] if position is not None else (history[-1].get("steps", 0) if history else 0)
     resumed_step = step
@@ -1246,6 +1256,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         record = {
             "epoch": epoch + 1,
             "steps": step,  # optimizer steps so far
+            "nodes": nodes,  # distinct nodes the workers ran on
             "train_loss": sums[0].item() / rows,
             "eval_loss": sums[2].item() / eval_rows if eval_shard is not None and eval_rows else None,
             "eval_accuracy": sums[4].item() / eval_total if eval_shard is not None and eval_total else None,

@@ -185,6 +185,8 @@ class FinetuneSpec:
     # "balanced": weight each class's loss by n_rows / (n_classes × rows of that class) (classification).
     class_weights: Literal["balanced"] | None = None
     lora: LoraSpec | None = None
+    # Where Ray places the workers: pack (fill a node first: fast collectives) or spread (one per node).
+    placement: Literal["pack", "spread"] = "pack"
 
 
 @dataclass(frozen=True)

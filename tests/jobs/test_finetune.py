@@ -397,6 +397,12 @@ def test_raw_and_none_label_modes(tmp_path: Path, base_model: Path, monkeypatch)
 
 
 def test_training_options_are_checked_by_the_task(tmp_path: Path, base_model: Path) -> None:
+    """Checked when the spec is bound (the CLI, run_finetune), before anything reads the data."""
+    from pipeline.bind import bind
+
+    spec = finetune_spec(
+        tmp_path, base=base_model, train_uri=tmp_path / "x.parquet", options={"packing": True}
+    )
     with pytest.raises(SpecError, match="takes no training options") as info:
-        finetune_spec(tmp_path, base=base_model, train_uri=tmp_path / "x.parquet", options={"packing": True})
+        bind(spec)
     assert info.value.key == "train.options.packing"
