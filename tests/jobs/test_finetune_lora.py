@@ -174,7 +174,8 @@ def test_only_the_adapters_and_the_head_are_trainable(random_base: Path) -> None
     count = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     # 2 layers x (query, value) x (A: 8x32 + B: 32x8) adapters + the 2-label head (32x2 + 2).
     assert count == 2 * 2 * (8 * 32 + 32 * 8) + 32 * 2 + 2 == 2114
-    assert count < 0.08 * total, (count, total)  # total: 27,138 weights in this tiny BERT
+    # 7.5% of the 28,194 weights of this tiny BERT (vocabulary 200, width 32); r=8 on BERT-base: 0.3%.
+    assert count < 0.08 * total, (count, total)
     assert all(".lora_A." in n or ".lora_B." in n or ".modules_to_save." in n for n in trainable_names)
     assert any("classifier.modules_to_save" in n for n in trainable_names)
 
