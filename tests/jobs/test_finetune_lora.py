@@ -31,7 +31,9 @@ def reviews(n: int, *, seed: int) -> tuple[list[str], list[str]]:
     return texts, ["pos" if POSITIVE & set(t.split()) else "neg" for t in texts]
 
 
-def lora_spec(out: Path, *, base: Path, train_uri: Path, merge: bool, model: Path | None = None) -> JobSpec:
+def lora_spec(
+    out: Path, *, base: Path, train_uri: Path, merge: bool, model: Path | None = None, **train: Any
+) -> JobSpec:
     return parse_spec(
         {
             "name": "tiny-lora",
@@ -56,6 +58,7 @@ def lora_spec(out: Path, *, base: Path, train_uri: Path, merge: bool, model: Pat
                 "eval_fraction": 0.2,
                 "seed": 0,
                 "lora": {**LORA, "merge": merge},
+                **train,
             },
         }
     )
@@ -309,6 +312,39 @@ def test_merged_output_runs_in_an_inference_job(
     assert preds["label"].tolist() == labels
     assert preds["score"].tolist() == pytest.approx(scores, abs=1e-5)
     assert (preds["label"] == test["label"]).mean() >= 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_rerun_restores_the_lora_checkpoint(
+    ray_session, base_model: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    """Checkpoints hold the adapter, not the model; a rerun of the same job (here: the output lost after
+    training, as if the driver died before publishing) restores the last one onto a rebuilt base and
+    publishes the same merged model without training again."""
+    from safetensors.torch import load_file
+
+    spec = lora_spec(
+        tmp_path / "model",
+        base=base_model,
+        train_uri=data["train"],
+        merge=True,
+        epochs=1,
+        checkpoint_uri=str(tmp_path / "ckpt"),
+    )
+    first = run_finetune(spec, progress=False)
+    checkpoints = sorted((tmp_path / "ckpt").rglob("adapter_model.safetensors"))
+    assert len(checkpoints) == 1
+    assert not list((tmp_path / "ckpt").rglob("model.safetensors"))  # no base weights in checkpoints
+    published = load_file(str(tmp_path / "model" / "model.safetensors"))
+    shutil.rmtree(tmp_path / "model")
+
+    again = run_finetune(spec, progress=False)
+    assert again.metrics == first.metrics  # restored, not retrained
+    republished = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert set(republished) == set(published)
+    for name, tensor in published.items():
+        assert (republished[name] == tensor).all(), name
 
 
 # --- merge: false ----------------------------------------------------------------------------------------
