@@ -88,6 +88,7 @@ which is untested here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -535,9 +536,15 @@ def _storage(uri: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
 
 
 def _publish(
-    checkpoint: Any, out: OutputDir, *, metrics: dict[str, Any], manifest: Callable[[list[str]], None]
+    checkpoint: Any,
+    out: OutputDir,
+    *,
+    metrics: dict[str, Any],
+    manifest: Callable[[list[str]], None],
+    prepare: Callable[[str], None] | None = None,
 ) -> None:
     """Copy the final checkpoint's model files into the output folder (the caller writes `_SUCCESS` last).
+    `prepare` edits the staged copy first (LoRA with `merge: true`: the adapter → the merged model).
 
     The files are staged first (a hidden folder inside the output on local disks, so each file is then one
     rename; a local temp folder for object stores, then one PUT per file): readers never see a partial
@@ -553,6 +560,8 @@ def _publish(
     try:
         checkpoint.to_directory(stage)
         Path(stage, _TRAIN_STATE).unlink(missing_ok=True)
+        if prepare is not None:
+            prepare(stage)
         Path(stage, METRICS_FILE).write_text(json.dumps(metrics, indent=1, sort_keys=True, default=str))
         # The manifest lists the files before they appear: a crash mid-publish leaves only files it owns.
         manifest(sorted(p.relative_to(stage).as_posix() for p in Path(stage).rglob("*") if p.is_file()))
@@ -573,9 +582,34 @@ def _publish(
 # Driver
 
 
+def _merge_lora(
+    folder: str, *, task: str, base: str, label_names: tuple[str, ...], train: FinetuneSpec
+) -> None:
+    """`train.lora.merge: true`: checkpoints hold the adapter (resumable, small); the published
+    folder is the base with it merged in, built and saved by the task's trainable as in a full fine-tune."""
+    from models.loading import resolve_model
+    from models.lora import merge_lora
+    from models.registry import get_task
+
+    base_dir = resolve_model(base)
+    trainable = cast(FineTunable, get_task(task)).training(
+        base_dir, label_names=label_names, max_length=train.max_length, options=dict(train.options)
+    )
+    merge_lora(folder, trainable=trainable, base_dir=base_dir)
+
+
 def _check_base_model(base: str, uri: str) -> None:
     """A folder without a loadable config fails here, with the fix, not in every worker after Ray started."""
     from transformers import AutoConfig
+
+    from models.lora import is_adapter_folder
+
+    if is_adapter_folder(base):
+        raise ModelError(
+            f"stages[0].model {uri!r} is a LoRA adapter folder (adapter_config.json), which cannot be trained "
+            "further as a base model; fine-tune its base model instead, or a merged model (train.lora.merge: "
+            "true writes one)"
+        )
 
     try:
         AutoConfig.from_pretrained(base)
@@ -853,7 +887,12 @@ def _finetune_locked(
         published.extend(files)
         write_manifest("publishing", files)
 
-    _publish(best, out, metrics=metrics, manifest=listed)
+    merge = None
+    if t.lora is not None and t.lora.merge:
+        merge = functools.partial(
+            _merge_lora, task=stage.task, base=base, label_names=data.label_names, train=t
+        )
+    _publish(best, out, metrics=metrics, manifest=listed, prepare=merge)
     write_manifest("succeeded", published)
     out.write_success()
     if t.checkpoint_uri is None and out.exists(CHECKPOINTS):
@@ -1059,6 +1098,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     from transformers import get_linear_schedule_with_warmup
 
     from models.loading import resolve_model
+    from models.lora import apply_lora, read_adapter, save_lora
     from models.registry import get_task
 
     loop: _LoopConfig = config["loop"]
@@ -1090,17 +1130,21 @@ def _train_loop(config: dict[str, Any]) -> None:
     steps_per_epoch = math.ceil(micro_per_epoch / accum)
     total_steps = steps_per_epoch * t.epochs
 
-    history, state, position = [], None, None
+    history, state, position, adapter = [], None, None, None
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
-            model = trainable.build_model(d)
+            # LoRA checkpoints hold the adapter only: the base is rebuilt and the adapter loaded onto it.
+            model = trainable.build_model(d if t.lora is None else base_dir)
+            adapter = read_adapter(d) if t.lora is not None else None
             history = json.loads(Path(d, METRICS_FILE).read_text())["epochs"]
             if Path(d, _TRAIN_STATE).exists():
                 state = torch.load(Path(d, _TRAIN_STATE), map_location="cpu", weights_only=True)
                 position = state.get("position")
     else:
         model = trainable.build_model(base_dir)
+    if t.lora is not None:
+        model = apply_lora(model, t.lora, task_name=loop.task, state=adapter)
     model = ray.train.torch.prepare_model(model)  # to the worker's device; DDP when world > 1
     core: torch.nn.Module = model.module if isinstance(model, DistributedDataParallel) else model
     device = ray.train.torch.get_device()
@@ -1139,7 +1183,10 @@ def _train_loop(config: dict[str, Any]) -> None:
         )
 
     def save(tmp: str, *, position: dict[str, Any] | None, keep_optimizer: bool) -> None:
-        trainable.save(core, tmp)
+        if t.lora is not None:  # the adapter; `merge: true` merges it at publish time
+            save_lora(core, tmp, trainable=trainable, base=loop.base_model)
+        else:
+            trainable.save(core, tmp)
         Path(tmp, METRICS_FILE).write_text(json.dumps({"epochs": history}, indent=1))
         if keep_optimizer:  # a run that continues needs the optimizer, the schedule and where it was
             torch.save(

@@ -26,6 +26,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _IDENTITY_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".bin")
 # Written last into a fetched model folder (before it is renamed into place).
 _COMPLETE = ".complete"
+# Marks a LoRA adapter folder (models.lora.ADAPTER_CONFIG; not imported: this module stays light).
+_ADAPTER_CONFIG = "adapter_config.json"
 
 
 def cache_dir() -> Path:
@@ -81,10 +83,14 @@ def check_model(
         if not names:
             raise ModelError(f"model {uri!r} is empty or does not exist; point `model` at a model folder")
         _check_files(uri, names)
+        if _ADAPTER_CONFIG in names:
+            _check_adapter_base(uri, fs.cat_file(posixpath.join(root, _ADAPTER_CONFIG)).decode())
         return
     path = _local_path(uri)
     if path.is_dir():
         _check_files(uri, {str(p.relative_to(path)) for p in path.iterdir()})
+        if (path / _ADAPTER_CONFIG).is_file():
+            _check_adapter_base(uri, (path / _ADAPTER_CONFIG).read_text())
         return
     where = f"{uri!r} (resolved to {path.resolve()})"
     if path.exists():
@@ -108,6 +114,14 @@ def check_model(
 
 def _check_files(uri: str, names: set[str]) -> None:
     """Top-level file names of a model folder: a config and safetensors weights."""
+    if "config.json" not in names and _ADAPTER_CONFIG in names:
+        raise ModelError(
+            f"model {uri!r} is a LoRA adapter folder without the fine-tuned model's config.json; shardwise "
+            "loads adapter folders that a shardwise fine-tune wrote (train.lora.merge: false), which keep "
+            "config.json and the tokenizer/processor files next to the adapter. Merge this adapter into its "
+            "base once (peft: PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) "
+            "and point `model` at the merged folder"
+        )
     if "config.json" not in names:
         raise ModelError(
             f"model {uri!r} has no config.json; point `model` at the folder that holds config.json and the "
@@ -122,6 +136,23 @@ def _check_files(uri: str, names: set[str]) -> None:
             "it once where you trust it: AutoModel.from_pretrained(path).save_pretrained(path, "
             "safe_serialization=True)"
         )
+
+
+def _check_adapter_base(uri: str, config_text: str) -> None:
+    """A LoRA adapter folder is only as loadable as the base model its adapter_config.json names."""
+    from models.lora import adapter_base
+
+    base = adapter_base(config_text, uri=uri)
+    if base.rstrip("/") == uri.rstrip("/"):
+        raise ModelError(f"model {uri!r}: {_ADAPTER_CONFIG} names the adapter folder itself as its base")
+    try:
+        check_model(base)
+    except ModelError as e:
+        raise ModelError(
+            f"model {uri!r} is a LoRA adapter whose base model (base_model_name_or_path in {_ADAPTER_CONFIG}) "
+            f"cannot be loaded: {e}. Put the base model back where the fine-tune read it, or edit "
+            f"base_model_name_or_path to where it is now"
+        ) from e
 
 
 def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
@@ -257,16 +288,19 @@ def model_identity(
 
         fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         listing = sorted(fs.find(root, detail=True).items())
-        return {
-            "uri": uri,
-            "files": {
-                os.path.relpath(p, root.rstrip("/")): [
-                    i.get("size"),
-                    str(i.get("ETag") or i.get("etag") or ""),
-                ]
-                for p, i in listing
-            },
+        files = {
+            os.path.relpath(p, root.rstrip("/")): [
+                i.get("size"),
+                str(i.get("ETag") or i.get("etag") or ""),
+            ]
+            for p, i in listing
         }
+        identity: dict[str, Any] = {"uri": uri, "files": files}
+        if _ADAPTER_CONFIG in files:
+            identity["base"] = _base_identity(
+                uri, fs.cat_file(posixpath.join(root, _ADAPTER_CONFIG)).decode()
+            )
+        return identity
     path = _local_path(uri)
     if path.is_dir():
         files = {
@@ -276,8 +310,21 @@ def model_identity(
             and p.suffix in _IDENTITY_SUFFIXES
             and not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts)
         }
-        return {"uri": str(path.resolve()), "files": files}
+        identity = {"uri": str(path.resolve()), "files": files}
+        if (path / _ADAPTER_CONFIG).is_file():
+            identity["base"] = _base_identity(uri, (path / _ADAPTER_CONFIG).read_text())
+        return identity
     return {"hub_id": uri, "revision": revision or "main"}
+
+
+def _base_identity(uri: str, config_text: str) -> dict[str, Any]:
+    """A LoRA adapter's outputs depend on its base model's weights as much as on its own."""
+    from models.lora import adapter_base
+
+    base = adapter_base(config_text, uri=uri)
+    if base.rstrip("/") == uri.rstrip("/"):
+        raise ModelError(f"model {uri!r}: {_ADAPTER_CONFIG} names the adapter folder itself as its base")
+    return model_identity(base)
 
 
 # How many missing weight names an error lists (a base encoder under a token-classification head misses 2; a
@@ -294,14 +341,23 @@ def load_pretrained(cls: Any, model_dir: str, *, device: str, dtype: Any, **kwar
     Tied weights (an lm_head tied to the embeddings) and non-persistent buffers are not in
     `missing_keys`, so models that legitimately omit them load. Fine-tuning keeps calling `from_pretrained`
     directly: a fresh head is what it wants.
+
+    A LoRA adapter folder (adapter_config.json, written by a fine-tune with `train.lora.merge: false`) loads
+    its base model (adapter_config.json's `base_model_name_or_path`) with the folder's config.json and
+    merges the adapter in (`models.lora.load_adapter_model`); a weight neither provides is refused the same way.
     """
     import torch
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model, info = cls.from_pretrained(
-        model_dir, dtype=torch_dtype, use_safetensors=True, output_loading_info=True, **kwargs
-    )
-    missing = sorted(info.get("missing_keys") or ())
+    if Path(model_dir, _ADAPTER_CONFIG).is_file():  # a LoRA adapter folder (train.lora.merge: false)
+        from models.lora import load_adapter_model
+
+        model, missing = load_adapter_model(cls, model_dir, dtype=torch_dtype, **kwargs)
+    else:
+        model, info = cls.from_pretrained(
+            model_dir, dtype=torch_dtype, use_safetensors=True, output_loading_info=True, **kwargs
+        )
+        missing = sorted(info.get("missing_keys") or ())
     if missing:
         shown = ", ".join(missing[:_MISSING_SHOWN])
         more = f" and {len(missing) - _MISSING_SHOWN} more" if len(missing) > _MISSING_SHOWN else ""
