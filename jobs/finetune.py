@@ -1,9 +1,12 @@
 """`kind: finetune`: fine-tune a task's model on Ray Train and write a folder that `kind: inference` loads.
 
-    driver   read train (+ eval) rows with `pipeline.sources.read_table`; check texts and labels; split
-             eval off `input` (seeded) unless `train.eval_input` is given      ← every data error is here,
-             check the output location                                           before Ray starts
-          → ray.data.from_arrow(train), ray.data.from_arrow(eval)
+    driver   check the output location and the base model                    ← before Ray starts
+             plan shards of `input` (+ `train.eval_input`) as inference does (file metadata)
+          → streaming pass, a Ray Data job: each task reads a shard (`read_shard`) and returns a summary;
+            the driver merges them: parse errors, null/non-text inputs, label names and per-class counts
+            (every data error is here, before anything is written and before training starts)
+          → train / eval: lazy `from_items(shards) → map_batches(read, labels → ids)`; eval rows are those
+            whose id hashes (seeded) into `eval_fraction`, unless `train.eval_input` is given
           → TorchTrainer(ScalingConfig(num_workers, use_gpu)), each worker:
                builds the task's `Trainable`, `prepare_model` (DDP: gloo on CPU, NCCL on GPU)
                per epoch: its `get_dataset_shard("train")` → encode → AdamW step, linear warmup + decay
@@ -40,8 +43,8 @@ a SpecError naming the tasks that have it.
 Data passing. Rows reach the workers as Ray datasets (`datasets={"train", "eval"}` +
 `get_dataset_shard`), not in `train_loop_config`: the config is pickled into every worker, the object
 store shares one copy per node; `streaming_split(equal=True)` gives equal step counts for DDP (below); the
-same code works across nodes; and a dataset too big for the driver can later become a lazy `ray.data`
-read without changing the loop. Only "train" is split; each worker iterates all of "eval" and keeps the
+same code works across nodes; and the datasets are lazy reads, so the driver never holds the rows (see
+"Training data" below). Only "train" is split; each worker iterates all of "eval" and keeps the
 rows with `row % world_size == rank`, so eval counts are exact (an equal split could drop rows).
 
 Labels. A task's `training_labels` says what `train.label_column` holds:
@@ -54,7 +57,9 @@ Labels. A task's `training_labels` says what `train.label_column` holds:
 - "raw": the values as read (a target text, SQuAD answers, COCO boxes, a mask): the task checks them;
   `train.label_names`, if set, reach `training` unchecked (e.g. the names of detection category ids);
   if not, a task with `training_label_names(values, *, options, key)` derives them from the targets of
-  the train and eval rows on the driver (speech recognition: the CTC vocabulary of the transcripts).
+  the train and eval rows (speech recognition: the CTC vocabulary of the transcripts): the pass calls it
+  on each shard's targets, and the driver once more on the union of those names, so it must be idempotent
+  on its own output (a sorted character set is).
 - "none": no label column is read (causal LM on plain text); `encode` gets None.
 A null label, or one outside the names, fails the job before training, naming the column and the values.
 
@@ -1083,10 +1088,9 @@ def _embedded_cpus(num_workers: int) -> int:
     """Logical CPUs for the embedded cluster.
 
     Each Train worker reserves 1 CPU and Ray Train waits, without end, until all of them fit; the V2
-    controller and Ray Data's split coordinator reserve none, and `from_arrow` datasets run no Ray Data task
-    (seen with ray 2.60: 2 workers train on exactly 2 logical CPUs; 1 CPU for 2 workers never starts, which
-    `_check_cluster` turns into an error). The spare CPU keeps that true if the datasets ever gain a read or
-    map stage: its task would otherwise wait forever behind the workers. Logical CPUs may exceed the cores;
+    controller and Ray Data's split coordinator reserve none (seen with ray 2.60: 2 workers train on exactly
+    2 logical CPUs; 1 CPU for 2 workers never starts, which `_check_cluster` turns into an error). The
+    datasets' read tasks need the spare CPU: they would otherwise wait forever behind the workers. Logical CPUs may exceed the cores;
     torch threads are set per worker.
     """
     return max(os.cpu_count() or 1, num_workers + 1)
