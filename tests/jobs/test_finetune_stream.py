@@ -6,6 +6,7 @@ the driver's peak resident memory (VmHWM, reset just before the job) against it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -50,6 +51,14 @@ def _rows(n: int, *, start: int = 0) -> dict[str, list[Any]]:
     return {"id": [f"r{i}" for i in range(start, start + n)], "text": texts, "label": labels}
 
 
+def _prepare(spec: JobSpec) -> Any:
+    """The driver's part (plan + streaming pass), with the folder's format resolved as run_finetune does."""
+    from jobs.finetune import _prepare_data
+    from pipeline.sources import resolve_format
+
+    return _prepare_data(dataclasses.replace(spec, input=resolve_format(spec.input)))
+
+
 def _read_back(data: Any, side: str) -> pa.Table:
     """What the workers would get: the lazy dataset of `side`, executed (rows come to the test, on purpose)."""
     import ray
@@ -71,14 +80,12 @@ def _folder(tmp: Path, parts: list[dict[str, list[Any]]]) -> Path:
 def test_split_is_disjoint_stable_and_labels_come_from_every_file(
     ray_session, tmp_path: Path, base_model: Path
 ) -> None:
-    from jobs.finetune import _prepare_data
-
     last = _rows(100, start=900)
     last["label"][-1] = "mixed"  # a class that only the last row of the last file has
     root = _folder(tmp_path, [_rows(300), _rows(300, start=300), _rows(300, start=600), last])
     spec = _spec(tmp_path, base=base_model, uri=str(root), eval_fraction=0.2)
 
-    data = _prepare_data(spec)
+    data = _prepare(spec)
     assert data.label_names == ("mixed", "neg", "pos")  # sorted distinct labels of all 1000 rows
     train, evaluation = _read_back(data, "train"), _read_back(data, "eval")
     train_texts, eval_texts = train.column("text").to_pylist(), evaluation.column("text").to_pylist()
@@ -100,13 +107,11 @@ def test_split_is_disjoint_stable_and_labels_come_from_every_file(
     # The train rows are not in file order (shards in a seeded order, each shuffled in its read task).
     assert train_texts != sorted(train_texts, key=lambda t: int(t.rsplit("row", 1)[1]))
 
-    again = _prepare_data(spec)  # a rerun (a resume) splits the same way
+    again = _prepare(spec)  # a rerun (a resume) splits the same way
     assert set(_read_back(again, "eval").column("text").to_pylist()) == set(eval_texts)
     assert (again.train_rows, again.eval_rows) == (data.train_rows, data.eval_rows)
 
-    capped = _prepare_data(
-        _spec(tmp_path, base=base_model, uri=str(root), eval_fraction=0.2, max_train_rows=123)
-    )
+    capped = _prepare(_spec(tmp_path, base=base_model, uri=str(root), eval_fraction=0.2, max_train_rows=123))
     assert capped.train_rows == _read_back(capped, "train").num_rows == 123
 
 
@@ -115,8 +120,6 @@ def test_checks_see_every_row_of_every_format(ray_session, tmp_path: Path, base_
     """JSONL, CSV and HF folders go through the same shard reads; a bad row in the last file is found."""
     import datasets
     import pyarrow.csv as pacsv
-
-    from jobs.finetune import _prepare_data
 
     first, second = _rows(60), _rows(60, start=60)
     jsonl = tmp_path / "jsonl"
@@ -133,7 +136,7 @@ def test_checks_see_every_row_of_every_format(ray_session, tmp_path: Path, base_
     hf = tmp_path / "hf"
     datasets.Dataset.from_dict({k: first[k] + second[k] for k in first}).save_to_disk(str(hf))
     for uri in (jsonl, csv, hf):
-        data = _prepare_data(_spec(tmp_path, base=base_model, uri=str(uri), eval_fraction=0.25))
+        data = _prepare(_spec(tmp_path, base=base_model, uri=str(uri), eval_fraction=0.25))
         assert data.label_names == ("neg", "pos"), uri
         assert data.train_rows + data.eval_rows == 120
         assert _read_back(data, "train").num_rows == data.train_rows
@@ -145,18 +148,18 @@ def test_checks_see_every_row_of_every_format(ray_session, tmp_path: Path, base_
     )
     (jsonl / "part-1.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(SpecError, match=r"1 null label\(s\) \(row ids \['r119'\]\)") as info:
-        _prepare_data(_spec(tmp_path, base=base_model, uri=str(jsonl)))
+        _prepare(_spec(tmp_path, base=base_model, uri=str(jsonl)))
     assert info.value.key == "train.label_column"
     (jsonl / "part-1.jsonl").write_text("\n".join(lines[:-1]) + "\n{broken\n")
     with pytest.raises(SourceError, match=r"1 row\(s\) of .* could not be parsed"):
-        _prepare_data(_spec(tmp_path, base=base_model, uri=str(jsonl)))
+        _prepare(_spec(tmp_path, base=base_model, uri=str(jsonl)))
     # A later file without the label column: the read task's SourceError reaches the driver as itself.
     odd = tmp_path / "odd"
     odd.mkdir()
     pq.write_table(pa.table(first), odd / "part-0.parquet")
     pq.write_table(pa.table({k: v for k, v in second.items() if k != "label"}), odd / "part-1.parquet")
     with pytest.raises(SourceError, match=r"column\(s\) \['label'\] not found in 'part-1.parquet'"):
-        _prepare_data(_spec(tmp_path, base=base_model, uri=str(odd)))
+        _prepare(_spec(tmp_path, base=base_model, uri=str(odd)))
 
 
 def _status_kib(field: str) -> int:
