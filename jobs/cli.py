@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("output", help="the job's output.uri")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--verify", action="store_true", help="also check every part's sha256")
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh while a run holds the output (rows, rows/s, ETA, stages)",
+    )
+    status.add_argument("--interval", type=float, default=2.0, metavar="S", help="--watch refresh period")
 
     tasks = sub.add_parser("tasks", help="list tasks: inputs, params and output schema")
     tasks.add_argument("--json", action="store_true")
@@ -211,9 +217,44 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _watch(args: argparse.Namespace) -> None:
+    """Refresh from the manifest (the driver rewrites it every few seconds) and the lease, both small, while
+    a run holds the output; the full status (every commit record checked) is printed after."""
+    from pipeline.commit import OutputDir
+    from pipeline.lease import read_lease
+
+    out = OutputDir(args.output)
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    seen: list[tuple[float, int]] = []
+    while True:
+        manifest = out.read_manifest() or {}
+        lease = read_lease(out)
+        if lease is None or not lease.live():
+            return
+        done, total = int(manifest.get("rows_in") or 0), int(manifest.get("rows_total") or 0)
+        seen = [*seen[-30:], (time.monotonic(), done)]
+        rate = (done - seen[0][1]) / (seen[-1][0] - seen[0][0]) if seen[-1][0] > seen[0][0] else 0.0
+        eta = f"{(total - done) / rate:.0f} s" if rate > 0 and total >= done else "?"
+        lines = [
+            f"{manifest.get('name')}: running ({lease.describe()})",
+            f"rows {done}/{total} ({done / total:.1%}), {rate:.1f} rows/s, ETA {eta}; "
+            f"errors {manifest.get('rows_error', 0)}"
+            if total
+            else f"rows {done}, {rate:.1f} rows/s; errors {manifest.get('rows_error', 0)}",
+        ]
+        for name, c in (manifest.get("stages") or {}).items():
+            lines.append(
+                f"  stage {name}: {c['rows_in']} rows in, {c['rows_ok']} ok, {c['rows_error']} errors"
+            )
+        print(clear + "\n".join(lines), flush=True)
+        time.sleep(args.interval)
+
+
 def _status(args: argparse.Namespace) -> int:
     from pipeline.status import output_status
 
+    if args.watch:
+        _watch(args)
     info = output_status(args.output, verify=args.verify)
     if args.json:
         print(json.dumps(info, default=str))

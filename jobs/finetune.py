@@ -135,6 +135,9 @@ _LABEL = "__label"
 _ROW = "__row"
 # Same default as the HF Trainer (`max_grad_norm`): keeps the first steps on a fresh head from blowing up.
 _MAX_GRAD_NORM = 1.0
+# The score of a mid-epoch checkpoint: below any epoch's, so the best-epoch retention never keeps it
+# (the latest checkpoint is always kept for a resume).
+_NO_SCORE = -1e30
 # Values of a bad label column quoted in an error message: enough to recognise the problem.
 _QUOTE = 5
 
@@ -202,6 +205,8 @@ class _LoopConfig:
     threads: int
     # Training rows per class in id order (class / class_sequence labels), from the streaming pass.
     label_counts: tuple[int, ...] = ()
+    # train.class_weights: balanced → one weight per class (n_rows / (n_classes × rows of the class)).
+    class_weights: tuple[float, ...] | None = None
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -1146,6 +1151,11 @@ def run_finetune(
     assert t is not None
     stage = spec.stage
     task = get_task(stage.task)
+    if t.class_weights is not None and label_mode(task) not in ("class", "class_sequence"):
+        raise SpecError(
+            "train.class_weights",
+            f"task {stage.task!r} does not train a classifier over named classes; remove class_weights",
+        )
     if not callable(getattr(task, "training", None)):
         can = sorted(
             name for name, tk in available_tasks().items() if callable(getattr(tk, "training", None))
@@ -1233,6 +1243,7 @@ def _finetune_locked(
         has_eval=data.eval is not None,
         threads=max(1, (os.cpu_count() or 1) // t.num_workers),
         label_counts=data.label_counts,
+        class_weights=_class_weights(spec, data),
     )
     # Lazy reads: Ray Train's ingest executes "train" (streaming_split), each worker "eval".
     datasets = {"train": _dataset(ray, data, "train")}
@@ -1247,8 +1258,13 @@ def _finetune_locked(
             name=run_name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            # The latest checkpoint is all a resume needs; older ones would only take disk.
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # The best epoch's checkpoint (by `score`, see _score) is published; Ray Train also keeps the
+            # latest one, which is all a resume needs. Mid-epoch checkpoints score below any epoch.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="keep", checkpoint_score_order="max"
+            ),
+            # A killed or preempted worker: restart the workers from the latest checkpoint, this many times.
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         ),
         datasets=datasets,
         # Only "train" is split; every worker sees all of "eval" and keeps its stride (exact counts).
@@ -1277,8 +1293,12 @@ def _finetune_locked(
             watcher.join()
     if result.checkpoint is None:
         raise JobFailed(f"fine-tuning reported no checkpoint (see the Ray Train logs under {ckpt_uri!r})")
-    with result.checkpoint.as_directory() as ckpt_dir:
+    with result.checkpoint.as_directory() as ckpt_dir:  # the latest: it holds every epoch's record
         history = json.loads(Path(ckpt_dir, METRICS_FILE).read_text())["epochs"]
+    best_epoch = (
+        max(history, key=lambda r: (r.get("score", r["epoch"]), -r["epoch"]))["epoch"] if history else 0
+    )
+    best = _best_checkpoint(result, best_epoch)
     wall = time.time() - started
     metrics = {
         "task": stage.task,
@@ -1295,6 +1315,9 @@ def _finetune_locked(
         },
         "fingerprint": fp,
         "epochs": history,
+        # The published weights are this epoch's (the best eval score; the last epoch without an eval set).
+        "best_epoch": best_epoch,
+        "stopped_early": bool(history and history[-1].get("stopped_early")),
         "wall_s": wall,
     }
     metrics = redact(metrics)  # train.options may hold storage options or tokens
@@ -1304,7 +1327,7 @@ def _finetune_locked(
         published.extend(files)
         write_manifest("publishing", files)
 
-    _publish(result.checkpoint, out, metrics=metrics, manifest=listed)
+    _publish(best, out, metrics=metrics, manifest=listed)
     write_manifest("succeeded", published)
     out.write_success()
     if t.checkpoint_uri is None and out.exists(CHECKPOINTS):
@@ -1318,6 +1341,38 @@ def _finetune_locked(
         metrics=history,
         wall_s=wall,
     )
+
+
+def _best_checkpoint(result: Any, epoch: int) -> Any:
+    """The checkpoint reported at the end of `epoch` (Ray Train kept it for its score), else the latest."""
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if metrics.get("epoch") == epoch and metrics.get("score", _NO_SCORE) > _NO_SCORE:
+            return checkpoint
+    return result.checkpoint
+
+
+def _class_weights(spec: JobSpec, data: _Data) -> tuple[float, ...] | None:
+    """`train.class_weights: balanced`: n_rows / (n_classes × rows of the class), from the training labels
+    (sklearn's "balanced"); a class with no training row gets weight 0 rather than a division by zero."""
+    import numpy as np
+
+    from models.registry import get_task
+
+    t = spec.train
+    assert t is not None
+    if t.class_weights is None:
+        return None
+    mode = label_mode(get_task(spec.stage.task))
+    if mode not in ("class", "class_sequence"):
+        raise SpecError(
+            "train.class_weights",
+            f"task {spec.stage.task!r} does not train a classifier over named classes; remove class_weights",
+        )
+    # Per-class training rows (tags, for sequences) from the streaming pass; the rows are never on the driver.
+    counts = np.asarray(data.label_counts, dtype=np.float64)
+    n_classes = len(data.label_names)
+    weights = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
+    return tuple(float(w) for w in weights)
 
 
 def _worker_cause(exc: BaseException) -> BaseException:
@@ -1402,6 +1457,64 @@ def _accuracy_counts(output: Any, batch: Mapping[str, Any]) -> tuple[float, floa
     return float(correct.sum().item()), float(keep.sum().item())
 
 
+def _class_pairs(out: Any, batch: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """(predicted class id, true class id) per row of a sequence classifier's eval batch."""
+    return list(zip(out.logits.argmax(-1).tolist(), batch["labels"].tolist(), strict=True))
+
+
+def _tag_pairs(out: Any, batch: Mapping[str, Any]) -> list[tuple[list[int], list[int]]]:
+    """(predicted tags, true tags) per row of a token classifier's eval batch, over the labelled tokens (the
+    first sub-token of each word; -100 elsewhere)."""
+    predicted, labels = out.logits.argmax(-1).tolist(), batch["labels"].tolist()
+    pairs = []
+    for pred, ref in zip(predicted, labels, strict=True):
+        keep = [i for i, r in enumerate(ref) if r != -100]
+        pairs.append(([pred[i] for i in keep], [ref[i] for i in keep]))
+    return pairs
+
+
+_EVAL_COLLECTORS: dict[str, Callable[[Any, Mapping[str, Any]], list[Any]]] = {
+    "class": _class_pairs,
+    "class_sequence": _tag_pairs,
+}
+# The metric that picks the best epoch, per label mode (see _score).
+_SCORE_METRIC = {"class": "eval_macro_f1", "class_sequence": "eval_entity_f1"}
+
+
+def _task_metrics(mode: str, pairs: list[tuple[Any, Any]], names: Sequence[str]) -> dict[str, float]:
+    """Per-epoch task metrics from models.metrics' libraries: accuracy and macro-F1 (sklearn) for
+    classification, entity precision/recall/F1 (seqeval) for token classification."""
+    if not pairs:
+        return {}
+    name = names.__getitem__
+    if mode == "class":
+        from models.metrics import classification_metrics
+
+        m = classification_metrics([{"label": name(p)} for p, _ in pairs], [name(r) for _, r in pairs])
+        return {"eval_macro_f1": m["macro_f1"]}
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    y_pred = [[name(t) for t in p] for p, _ in pairs]
+    y_true = [[name(t) for t in r] for _, r in pairs]
+    return {
+        "eval_entity_precision": float(precision_score(y_true, y_pred, zero_division=0)),
+        "eval_entity_recall": float(recall_score(y_true, y_pred, zero_division=0)),
+        "eval_entity_f1": float(f1_score(y_true, y_pred, zero_division=0)),
+    }
+
+
+def _score(record: Mapping[str, Any]) -> float:
+    """What picks the published epoch, higher is better: the task's eval metric (macro-F1 for
+    classification, entity F1 for token classification, else the task's eval accuracy) when there is one,
+    else the negated eval loss, else the epoch number (no eval set: the last epoch)."""
+    for metric in (*_SCORE_METRIC.values(), "eval_accuracy"):
+        if record.get(metric) is not None:
+            return float(record[metric])
+    if record.get("eval_loss") is not None:
+        return -float(record["eval_loss"])
+    return float(record["epoch"])
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -1426,6 +1539,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         base_dir, label_names=loop.label_names, max_length=t.max_length, options=dict(t.options)
     )
     eval_counts = getattr(trainable, "eval_counts", None) or _accuracy_counts
+    mode = label_mode(task)
+    collect = _EVAL_COLLECTORS.get(mode)  # (prediction, reference) pairs for the task metrics
 
     def encode(batch: pa.Table) -> dict[str, Any]:
         columns = {name: batch.column(name).to_pylist() for name in loop.input_names}
@@ -1433,10 +1548,13 @@ def _train_loop(config: dict[str, Any]) -> None:
         return _to_device(trainable.encode(columns, labels), device)
 
     per_worker = max(1, t.batch_size // world)
-    steps_per_epoch = math.ceil((loop.train_rows // world) / per_worker)  # equal split: same on every rank
+    accum = t.grad_accum_steps
+    # Micro-batches per epoch (the same on every rank: an equal split), and optimizer steps.
+    micro_per_epoch = math.ceil((loop.train_rows // world) / per_worker)
+    steps_per_epoch = math.ceil(micro_per_epoch / accum)
     total_steps = steps_per_epoch * t.epochs
 
-    start_epoch, history, state = 0, [], None
+    history, state, position = [], None, None
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
@@ -1444,7 +1562,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             history = json.loads(Path(d, METRICS_FILE).read_text())["epochs"]
             if Path(d, _TRAIN_STATE).exists():
                 state = torch.load(Path(d, _TRAIN_STATE), map_location="cpu", weights_only=True)
-        start_epoch = len(history)
+                position = state.get("position")
     else:
         model = trainable.build_model(base_dir)
     model = ray.train.torch.prepare_model(model)  # to the worker's device; DDP when world > 1
@@ -1468,36 +1586,102 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if loop.has_eval else None
-    step = start_epoch * steps_per_epoch
+    weights = (
+        torch.tensor(loop.class_weights, dtype=torch.float32, device=device) if loop.class_weights else None
+    )
+
+    def loss_of(out: Any, inputs: Mapping[str, Any]) -> Any:
+        if weights is None:
+            return out.loss
+        # Class-weighted cross-entropy over the logits (sequence or token classification; -100 is ignored).
+        logits = out.logits
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            inputs["labels"].reshape(-1),
+            weight=weights,
+            ignore_index=-100,
+        )
+
+    def save(tmp: str, *, position: dict[str, Any] | None, keep_optimizer: bool) -> None:
+        trainable.save(core, tmp)
+        Path(tmp, METRICS_FILE).write_text(json.dumps({"epochs": history}, indent=1))
+        if keep_optimizer:  # a run that continues needs the optimizer, the schedule and where it was
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    **({"position": position} if position is not None else {}),
+                },
+                Path(tmp, _TRAIN_STATE),
+            )
+
+    def report(metrics: dict[str, Any], *, position: dict[str, Any] | None, keep_optimizer: bool) -> None:
+        """Every rank reports (a collective); rank 0 with the checkpoint."""
+        if rank == 0:
+            with tempfile.TemporaryDirectory(prefix="shardwise-ckpt-") as tmp:
+                save(tmp, position=position, keep_optimizer=keep_optimizer)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+    def optimizer_step(step: int) -> int:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), _MAX_GRAD_NORM)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return step + 1
+
+    start_epoch = position["epoch"] if position is not None else len(history)
+    step = position["step"] if position is not None else (history[-1].get("steps", 0) if history else 0)
+    resumed_step = step
     for epoch in range(start_epoch, t.epochs):
         epoch_start = time.time()
         model.train()
         # train loss·rows, train rows, eval loss·rows, eval rows, eval hits, eval total
         sums = torch.zeros(6, dtype=torch.float64)
+        # A mid-epoch checkpoint: skip the micro-batches its steps consumed (the epoch's order is seeded).
+        skip = 0
+        if position is not None and position["epoch"] == epoch:
+            skip = position["micro"]
+            sums[:2] = torch.tensor(position["sums"], dtype=torch.float64)
+        micro, pending = 0, False
         for batch in train_shard.iter_batches(
             batch_size=per_worker,
             batch_format="pyarrow",
             local_shuffle_buffer_size=per_worker * 8,
             local_shuffle_seed=t.seed * 1_000_003 + epoch * 1_009 + rank,
         ):
+            micro += 1
+            if micro <= skip:
+                continue
             inputs = encode(batch)
             with autocast:
-                loss = model(**inputs).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), _MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            n = batch.num_rows
-            sums[0] += loss.item() * n
-            sums[1] += n
-            step += 1
+                out = model(**inputs)
+                loss = loss_of(out, inputs)
+            (loss / accum).backward()  # gradients of `accum` micro-batches add up to one step's
+            sums[0] += loss.item() * batch.num_rows
+            sums[1] += batch.num_rows
+            pending = micro % accum != 0
+            if pending:
+                continue
+            step = optimizer_step(step)
             if board is not None and rank == 0:
                 shown = {"step": step, "epoch": f"{epoch + 1}/{t.epochs}", "loss": round(loss.item(), 4)}
                 if history and history[-1]["eval_accuracy"] is not None:
                     shown["eval_acc"] = round(history[-1]["eval_accuracy"], 4)  # of the previous epoch
                 board.post.remote(shown)
+            every = t.checkpoint_every_steps
+            if every and step % every == 0 and micro < micro_per_epoch:
+                here = {"epoch": epoch, "micro": micro, "step": step, "sums": sums[:2].tolist()}
+                report(
+                    {"epoch": epoch, "step": step, "score": _NO_SCORE, "keep": _NO_SCORE},
+                    position=here,
+                    keep_optimizer=True,
+                )
+        if pending:  # the epoch's last, partial group
+            step = optimizer_step(step)
 
+        pairs: list[tuple[Any, Any]] = []
         if eval_shard is not None:
             core.eval()  # the bare module: DDP's forward would sync buffers, and ranks run unequal batches here
             with torch.inference_mode():
@@ -1510,6 +1694,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                     with autocast:
                         out = core(**inputs)
                     hits, total = eval_counts(out, inputs)
+                    if collect is not None:
+                        pairs.extend(collect(out, inputs))
                     sums[2] += out.loss.item() * batch.num_rows
                     sums[3] += batch.num_rows
                     sums[4] += hits
@@ -1525,13 +1711,34 @@ def _train_loop(config: dict[str, Any]) -> None:
         eval_rows, eval_total = int(sums[3].item()), sums[5].item()
         record = {
             "epoch": epoch + 1,
+            "steps": step,  # optimizer steps so far
             "train_loss": sums[0].item() / rows,
             "eval_loss": sums[2].item() / eval_rows if eval_shard is not None and eval_rows else None,
             "eval_accuracy": sums[4].item() / eval_total if eval_shard is not None and eval_total else None,
             "epoch_s": time.time() - epoch_start,
         }
+        if epoch == start_epoch and resumed is not None:
+            record["resumed_at_step"] = resumed_step  # this epoch continued from a checkpoint at that step
+        if collect is not None and eval_shard is not None:
+            if world > 1:
+                import torch.distributed as dist
+
+                every_rank: list[Any] = [None] * world
+                dist.all_gather_object(every_rank, pairs)
+                pairs = [pair for part in every_rank for pair in part]
+            record.update(_task_metrics(mode, pairs, loop.label_names))
         history.append(record)
-        metrics = {k: v for k, v in record.items() if v is not None}
+        record["score"] = _score(record)
+        best = max(range(len(history)), key=lambda i: (history[i]["score"], -i))
+        stop_early = (
+            t.early_stopping_patience is not None
+            and epoch + 1 - history[best]["epoch"] >= t.early_stopping_patience
+        )
+        record["stopped_early"] = stop_early and epoch + 1 < t.epochs
+        # What Ray Train keeps checkpoints by: the score, ties going to the earlier epoch (the one published).
+        metrics = {k: v for k, v in record.items() if v is not None} | {
+            "keep": record["score"] - 1e-9 * epoch
+        }
         if board is not None and rank == 0 and record["eval_accuracy"] is not None:
             board.post.remote(
                 {
@@ -1540,15 +1747,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                     "eval_acc": round(record["eval_accuracy"], 4),
                 }
             )
-        if rank == 0:
-            with tempfile.TemporaryDirectory(prefix="shardwise-ckpt-") as tmp:
-                trainable.save(core, tmp)
-                Path(tmp, METRICS_FILE).write_text(json.dumps({"epochs": history}, indent=1))
-                if epoch + 1 < t.epochs:  # optimizer state only matters to a run that continues
-                    torch.save(
-                        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                        Path(tmp, _TRAIN_STATE),
-                    )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        last = epoch + 1 == t.epochs or stop_early
+        report(metrics, position=None, keep_optimizer=not last)
+        if stop_early:
+            break

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ import yaml
 
 from jobs.cli import main
 from pipeline.commit import OutputDir
+from pipeline.execute import run_inference
+from pipeline.spec import parse_spec
 from tests.engine.readback import assert_each_id_once, errors_by_id, predictions_by_id
 from tests.helpers import job_dict, make_texts, write_texts_parquet
 
@@ -110,3 +114,30 @@ def test_run_then_status_then_error_rate_exit_code(ray_session, tiny_model, tmp_
     assert all(i % 4 for i in preds) and all(i % 4 == 0 for i in errors)
     assert main(["status", str(tmp_path / "out-bad")]) == 1  # a failed output: non-zero
     assert "failed" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_status_watch_follows_a_running_job_until_it_ends(ray_session, tiny_model, tmp_path, capsys):
+    """`status --watch` refreshes (rows, rows/s, ETA) while the job holds the output, then prints the final
+    state and exits with its code."""
+    write_texts_parquet(tmp_path / "in.parquet", make_texts(400, seed=40, max_words=60))
+    spec = job_dict(
+        input_uri=str(tmp_path / "in.parquet"), output_uri=str(tmp_path / "out"), model=str(tiny_model)
+    )
+    spec["stages"][0]["batch_size"] = 1  # slow enough to be watched
+    done: dict = {}
+    job = threading.Thread(
+        target=lambda: done.setdefault("result", run_inference(parse_spec(spec), progress=False))
+    )
+    job.start()
+    deadline = time.time() + 120
+    while not (tmp_path / "out" / "_lease.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert main(["status", str(tmp_path / "out"), "--watch", "--interval", "0.5"]) == 0
+    job.join(timeout=120)
+    printed = capsys.readouterr().out
+    frames = [line for line in printed.splitlines() if "rows/s" in line]
+    assert len(frames) >= 2, printed
+    assert "/400 (" in frames[-1] and "ETA" in frames[-1]
+    assert "test-job: succeeded" in printed.split(frames[-1])[-1]  # the final state, after the last frame
+    assert done["result"].rows_ok == 400

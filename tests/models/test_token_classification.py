@@ -327,6 +327,9 @@ def test_finetune_job_then_inference_on_its_output(ray_session, ner_model, tmp_p
     assert last["train_loss"] < first["train_loss"] and last["eval_loss"] < first["eval_loss"]
     # Tag accuracy on first sub-tokens; tagging everything "O" would score about 0.91.
     assert last["eval_accuracy"] >= 0.97, result.metrics
+    # seqeval entity F1 of the eval rows, every epoch; the tags of the first sub-tokens are the words' tags
+    assert all(0.0 <= r["eval_entity_f1"] <= 1.0 for r in result.metrics)
+    assert last["eval_entity_f1"] >= 0.9 and last["score"] == last["eval_entity_f1"], result.metrics
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["id2label"] == {str(i): name for i, name in enumerate(NER_LABELS)}
 
