@@ -1,9 +1,12 @@
 """`kind: finetune`: fine-tune a task's model on Ray Train and write a folder that `kind: inference` loads.
 
-    driver   read train (+ eval) rows with `pipeline.sources.read_table`; check texts and labels; split
-             eval off `input` (seeded) unless `train.eval_input` is given      ← every data error is here,
-             check the output location                                           before Ray starts
-          → ray.data.from_arrow(train), ray.data.from_arrow(eval)
+    driver   check the output location and the base model                    ← before Ray starts
+             plan shards of `input` (+ `train.eval_input`) as inference does (file metadata)
+          → streaming pass, a Ray Data job: each task reads a shard (`read_shard`) and returns a summary;
+            the driver merges them: parse errors, null/non-text inputs, label names and per-class counts
+            (every data error is here, before anything is written and before training starts)
+          → train / eval: lazy `from_items(shards) → map_batches(read, labels → ids)`; eval rows are those
+            whose id hashes (seeded) into `eval_fraction`, unless `train.eval_input` is given
           → TorchTrainer(ScalingConfig(num_workers, use_gpu)), each worker:
                builds the task's `Trainable`, `prepare_model` (DDP: gloo on CPU, NCCL on GPU)
                per epoch: its `get_dataset_shard("train")` → encode → AdamW step, linear warmup + decay
@@ -40,8 +43,8 @@ a SpecError naming the tasks that have it.
 Data passing. Rows reach the workers as Ray datasets (`datasets={"train", "eval"}` +
 `get_dataset_shard`), not in `train_loop_config`: the config is pickled into every worker, the object
 store shares one copy per node; `streaming_split(equal=True)` gives equal step counts for DDP (below); the
-same code works across nodes; and a dataset too big for the driver can later become a lazy `ray.data`
-read without changing the loop. Only "train" is split; each worker iterates all of "eval" and keeps the
+same code works across nodes; and the datasets are lazy reads, so the driver never holds the rows (see
+"Training data" below). Only "train" is split; each worker iterates all of "eval" and keeps the
 rows with `row % world_size == rank`, so eval counts are exact (an equal split could drop rows).
 
 Labels. A task's `training_labels` says what `train.label_column` holds:
@@ -54,7 +57,9 @@ Labels. A task's `training_labels` says what `train.label_column` holds:
 - "raw": the values as read (a target text, SQuAD answers, COCO boxes, a mask): the task checks them;
   `train.label_names`, if set, reach `training` unchecked (e.g. the names of detection category ids);
   if not, a task with `training_label_names(values, *, options, key)` derives them from the targets of
-  the train and eval rows on the driver (speech recognition: the CTC vocabulary of the transcripts).
+  the train and eval rows (speech recognition: the CTC vocabulary of the transcripts): the pass calls it
+  on each shard's targets, and the driver once more on the union of those names, so it must be idempotent
+  on its own output (a sorted character set is).
 - "none": no label column is read (causal LM on plain text); `encode` gets None.
 A null label, or one outside the names, fails the job before training, naming the column and the values.
 
@@ -114,7 +119,7 @@ from pipeline.execute import init_ray, new_run_id
 from pipeline.lease import Lease
 from pipeline.locations import check_output_location
 from pipeline.redact import fingerprint_view, redact, scrub, secret_values
-from pipeline.sources import input_schema, list_fragments, read_table, resolve_format
+from pipeline.sources import input_schema, list_fragments, resolve_format
 from pipeline.spec import FinetuneSpec, InputSpec, JobSpec, spec_to_dict
 
 if TYPE_CHECKING:
@@ -129,9 +134,6 @@ _TRAIN_STATE = "train_state.pt"
 # Columns of the Ray datasets besides the task inputs (the `__` prefix keeps them apart from input names).
 _LABEL = "__label"
 _ROW = "__row"
-# Ray Data blocks per worker for the training set: several blocks let streaming_split balance the workers
-# block by block instead of slicing one big block; more would only add per-block overhead.
-_BLOCKS_PER_WORKER = 4
 # Same default as the HF Trainer (`max_grad_norm`): keeps the first steps on a fresh head from blowing up.
 _MAX_GRAD_NORM = 1.0
 # The score of a mid-epoch checkpoint: below any epoch's, so the best-epoch retention never keeps it
@@ -202,6 +204,8 @@ class _LoopConfig:
     train_rows: int
     has_eval: bool
     threads: int
+    # Training rows per class in id order (class / class_sequence labels), from the streaming pass.
+    label_counts: tuple[int, ...] = ()
     # train.class_weights: balanced → one weight per class (n_rows / (n_classes × rows of the class)).
     class_weights: tuple[float, ...] | None = None
 
@@ -217,65 +221,16 @@ def resolve_labels(
     column: str,
     row_ids: Sequence[str],
 ) -> tuple[tuple[str, ...], list[int]]:
-    """(label names in id order, the id of every row); raises SpecError naming the column and the values."""
-    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-    if pa.types.is_dictionary(values.type):
-        values = values.dictionary_decode()
-    if not (
-        pa.types.is_integer(values.type)
-        or pa.types.is_string(values.type)
-        or pa.types.is_large_string(values.type)
-        or pa.types.is_null(values.type)
-    ):
-        raise SpecError(
-            "train.label_column",
-            f"column {column!r} has type {values.type}; labels must be strings (class names) or integers "
-            "(class ids). Point train.label_column at the label column or convert it",
-        )
-    labels = values.to_pylist()
-    nulls = [row_ids[i] for i, v in enumerate(labels) if v is None]
-    if nulls:
-        raise SpecError(
-            "train.label_column",
-            f"column {column!r} has {len(nulls)} null label(s) (row ids {nulls[:_QUOTE]}); every training "
-            "and eval row needs a label. Drop or fill those rows, or point train.label_column at another column",
-        )
-    is_int = pa.types.is_integer(values.type)
-    if label_names is not None:
-        if len(set(label_names)) != len(label_names):
-            dupes = sorted({n for n in label_names if label_names.count(n) > 1})
-            raise SpecError("train.label_names", f"names must be distinct, {dupes} appear more than once")
-        names = label_names
-        if is_int:
-            ok = set(range(len(names)))
-            bad = _counts(v for v in labels if v not in ok)
-            if bad:
-                raise SpecError(
-                    "train.label_names",
-                    f"column {column!r} holds integer labels, which are ids into train.label_names "
-                    f"(0..{len(names) - 1} for {list(names)}), but has {bad}. Fix the labels, list a name "
-                    "for every id, or leave train.label_names unset to name the classes by their values",
-                )
-            return names, [int(v) for v in labels]
-        index = {name: i for i, name in enumerate(names)}
-        bad = _counts(v for v in labels if v not in index)
-        if bad:
-            raise SpecError(
-                "train.label_names",
-                f"column {column!r} has labels that are not in train.label_names {list(names)}: {bad}. Fix "
-                "the data, add those names to train.label_names, or leave it unset to use the sorted "
-                "distinct labels of the data",
-            )
-        return names, [index[v] for v in labels]
-    distinct = sorted(set(labels))
-    if len(distinct) < 2:
-        raise SpecError(
-            "train.label_column",
-            f"column {column!r} has {len(distinct)} distinct label(s) {distinct}; a classifier needs at "
-            "least 2. Check train.label_column, or set train.label_names to list every class",
-        )
-    index = {v: i for i, v in enumerate(distinct)}
-    return tuple(str(v) for v in distinct), [index[v] for v in labels]
+    """(label names in id order, the id of every row); raises SpecError naming the column and the values.
+
+    The in-memory form of what a fine-tune does in two steps: the streaming pass summarises each shard's
+    labels (`_class_summary`), the driver names the classes from the merged counts (`_label_names`), and
+    the read tasks turn labels into ids (`_label_ids`)."""
+    summary = _class_summary(values, list(row_ids), [False] * len(values))
+    tally = _LabelTally()
+    tally.add(0, summary)
+    names, keys = tally.names(label_names=label_names, column=column)
+    return names, _label_ids(values, "class", keys).to_pylist()
 
 
 def _counts(values: Any) -> str:
@@ -283,90 +238,562 @@ def _counts(values: Any) -> str:
     counts: dict[Any, int] = {}
     for v in values:
         counts[v] = counts.get(v, 0) + 1
+    return _quote_counts(counts)
+
+
+def _quote_counts(counts: Mapping[Any, int]) -> str:
+    """`_counts` from counts already made (in order of first appearance: ties keep it)."""
     items = sorted(counts.items(), key=lambda kv: -kv[1])
     text = ", ".join(f"{v!r} ({n} row{'s' if n > 1 else ''})" for v, n in items[:_QUOTE])
     return text + (f" and {len(items) - _QUOTE} more" if len(items) > _QUOTE else "")
 
 
-def _check_inputs(table: pa.Table, inputs: Mapping[str, str], *, texts: Mapping[str, str], what: str) -> None:
-    """Every input non-null; the text ones strings (images, audio and token lists are checked by `encode`)."""
-    for name, col in inputs.items():
-        column = table.column(col)
-        if name in texts and not (
-            pa.types.is_string(column.type)
-            or pa.types.is_large_string(column.type)
-            or pa.types.is_null(column.type)
-        ):
-            raise SpecError(
-                f"stages[0].inputs.{name}",
-                f"column {col!r} of {what} has type {column.type}; input {name!r} must be text",
-            )
-        if column.null_count:
-            ids = table.column("__id").filter(pa.compute.is_null(column)).to_pylist()
-            raise SpecError(
-                f"stages[0].inputs.{name}",
-                f"column {col!r} of {what} has {column.null_count} null value(s) (row ids {ids[:_QUOTE]}); "
-                f"every training row needs its {name!r}. Drop or fill those rows",
-            )
+# -------------------------------------------------------------------------------------------------------
+# Training data: planned shards read by Ray Data tasks (never by the driver)
+#
+#   driver   list the files, plan row-range shards (file metadata only: pipeline.plan)
+#          → streaming pass: from_items(shards) → map_batches(_summarise): each task reads its shard with
+#            `read_shard` (the inference path's reader and checks) and returns one small summary (row
+#            counts per side, parse errors, null counts with a few row ids, label value counts); the driver
+#            merges summaries as they arrive and raises the data errors, still before anything is written
+#          → label names (sorted distinct, or train.label_names) and their ids, per-class counts
+#          → train / eval datasets: from_items(shards) → map_batches(_training_rows): read the shard again,
+#            keep its side's rows, labels → ids, (train) shuffle within the shard; lazy, executed by Ray
+#            Train's ingest (the train split) and by each worker (eval)
+#
+# The eval split needs no shared state: a row is an eval row when a hash of its id keyed by train.seed is
+# below eval_fraction, so both reads agree, reruns agree, and train and eval never share a row.
+
+# Labels a classifier may have before the label column is taken for something else (a text column).
+_MAX_CLASSES = 100_000
+# max_train_rows reads a prefix of the input (as the cap needs); the split's share varies around
+# eval_fraction, so the prefix has this much slack before the train rows are cut exactly.
+_CAP_SLACK = 1.1
 
 
-def _read_rows(spec: InputSpec, columns: Mapping[str, str], *, limit: int | None) -> pa.Table:
-    """The input's columns (keys of `columns`, whose values are the spec keys that name them) plus `__id`;
-    a missing column is a SpecError naming its key, unparsable rows a SourceError."""
-    fragments = list_fragments(spec)
-    if spec.resolved_format() != "jsonl":  # jsonl has no schema up front; read_range checks the parsed keys
-        names = input_schema(spec, fragments[0]).names
-        for col, key in columns.items():
-            if col not in names:
-                raise SpecError(key, f"column {col!r} is not in {spec.uri!r}; its columns: {names}")
-    table = read_table(spec, columns=list(columns), limit=limit)
-    broken = table.column("__read_error").drop_null().to_pylist()
-    if broken:
-        raise SourceError(
-            f"{len(broken)} row(s) of {spec.uri!r} could not be parsed (e.g. {broken[0]}); training needs every "
-            "row. Fix or remove those lines"
-        )
-    return table
+@dataclass(frozen=True)
+class _Source:
+    """One input as its read tasks see it (small: it travels to every task)."""
+
+    spec: InputSpec
+    # "train": every row trains; "eval": every row evaluates (train.eval_input); "split": a row evaluates
+    # when the hash of its id falls in eval_fraction (`_eval_mask`).
+    role: Literal["train", "eval", "split"]
+    columns: tuple[str, ...]  # what to read: input columns, the label column, the id column
+    inputs: dict[str, str]  # task input name → column
+    texts: tuple[str, ...]  # the inputs that must be strings
+    mode: LabelMode
+    label_column: str | None  # None for mode "none"
+    seed: int
+    eval_fraction: float
+    # Raw labels named by the task's `training_label_names` (per shard, then over the union on the driver).
+    derive: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class _Data:
-    train: pa.Table  # task input names + __label (absent for label mode "none")
-    eval: pa.Table | None  # the same + __row
+    """What the driver holds of the training data: plans and small summaries, never rows."""
+
+    # Shard items (`_items`) of the training rows, in a seeded order, each with its train-row quota.
+    train: Any
+    eval: Any  # shard items of the eval rows, or None (no eval set)
     label_names: tuple[str, ...]
     listing: list[Any]  # what identifies the data, for the run fingerprint
+    train_source: _Source | None = None
+    eval_source: _Source | None = None
+    # Label → id rule for the read tasks: ids are positions in `keys` (class names, or integer labels).
+    keys: tuple[Any, ...] = ()
+    # Training rows per class, in id order (class and class_sequence labels; per tag for sequences).
+    label_counts: tuple[int, ...] = ()
+    train_rows: int = 0
+    eval_rows: int = 0
 
 
-def _resolve_sequences(
-    values: pa.ChunkedArray, *, label_names: tuple[str, ...] | None, column: str, row_ids: Sequence[str]
-) -> tuple[tuple[str, ...], pa.Array]:
-    """`class_sequence` labels: lists of classes → lists of ids, with the rules of `resolve_labels`."""
-    values = values.combine_chunks()
-    if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
-        raise SpecError(
-            "train.label_column",
-            f"column {column!r} has type {values.type}; this task needs a list of labels per row (e.g. one "
-            "tag per word). Point train.label_column at such a column",
-        )
-    if values.null_count:
-        ids = [row_ids[i] for i, v in enumerate(values.is_null().to_pylist()) if v]
-        raise SpecError(
-            "train.label_column",
-            f"column {column!r} has {values.null_count} null list(s) (row ids {ids[:_QUOTE]}); every "
-            "training row needs its labels. Drop or fill those rows",
-        )
-    offsets = values.offsets.to_numpy()
-    flat_rows = [row_ids[i] for i in range(len(values)) for _ in range(offsets[i + 1] - offsets[i])]
-    names, flat_ids = resolve_labels(
-        values.flatten(), label_names=label_names, column=column, row_ids=flat_rows
+def _eval_mask(ids: Sequence[str], *, seed: int, fraction: float) -> Any:
+    """(rows,) bool: the rows of a split input that evaluate. blake2b of the id keyed by the seed: stable
+    across processes and machines (Python's hash() is not), and independent of which shard a row is in."""
+    import numpy as np
+
+    key = str(seed).encode()
+    cut = int(fraction * 2**64)
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, key=key).digest(), "little") < cut
+            for i in ids
+        ),
+        dtype=bool,
+        count=len(ids),
     )
-    nested = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat_ids, pa.int64()))
-    return names, nested
+
+
+def _read_item(item: Mapping[str, Any], source: _Source) -> tuple[pa.Table, Any]:
+    """One planned shard's rows (`read_shard`: the file must still be the planned one) and its eval mask."""
+    import numpy as np
+
+    from pipeline.plan import Shard
+    from pipeline.sources import read_shard
+
+    shard = Shard.from_dict(json.loads(item["shard"]))
+    table = read_shard(source.spec, shard.fragment, shard.start, shard.stop, columns=list(source.columns))
+    if source.role == "split":
+        mask = _eval_mask(table.column("__id").to_pylist(), seed=source.seed, fraction=source.eval_fraction)
+    else:
+        mask = np.full(table.num_rows, source.role == "eval")
+    return table, mask
+
+
+def _null_ids(column: pa.ChunkedArray | pa.Array, ids: pa.ChunkedArray | pa.Array) -> list[str]:
+    import pyarrow.compute as pc
+
+    return ids.filter(pc.is_null(column)).slice(0, _QUOTE).to_pylist()
+
+
+def _class_summary(values: pa.ChunkedArray | pa.Array, ids: list[str], is_eval: Sequence[bool]) -> dict:
+    """One shard's class labels: type kind, nulls (count, first row ids), [value, train rows, eval rows]."""
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    t = values.type
+    kind = (
+        "int"
+        if pa.types.is_integer(t)
+        else "str"
+        if pa.types.is_string(t) or pa.types.is_large_string(t)
+        else "null"
+        if pa.types.is_null(t)
+        else "bad"
+    )
+    summary: dict[str, Any] = {"type": str(t), "kind": kind, "nulls": values.null_count, "null_ids": []}
+    if kind == "bad":
+        return summary
+    counts: dict[Any, list[int]] = {}
+    nulls = []
+    for v, row_id, ev in zip(values.to_pylist(), ids, is_eval, strict=True):
+        if v is None:
+            if len(nulls) < _QUOTE:
+                nulls.append(row_id)
+            continue
+        c = counts.setdefault(v, [0, 0])
+        c[1 if ev else 0] += 1
+    summary["null_ids"] = nulls
+    summary["counts"] = [[v, tr, ev] for v, (tr, ev) in counts.items()]
+    return summary
+
+
+def _summarise(batch: pa.Table, *, sources: Sequence[_Source]) -> pa.Table:
+    """Streaming pass (a Ray Data task): read each shard of the block and summarise it (JSON, one row)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    out = []
+    for item in batch.to_pylist():
+        source = sources[item["source"]]
+        table, is_eval = _read_item(item, source)
+        ids = table.column("__id")
+        errors = table.column("__read_error").drop_null()
+        summary: dict[str, Any] = {
+            "pos": item["pos"],
+            "source": item["source"],
+            "rows": table.num_rows,
+            "eval": int(is_eval.sum()),
+            "read_errors": len(errors),
+            "read_error": errors[0].as_py() if len(errors) else None,
+            "inputs": {},
+        }
+        summary["train"] = table.num_rows - summary["eval"]
+        for name, col in source.inputs.items():
+            column = table.column(col)
+            t = column.type
+            text = pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+            summary["inputs"][name] = {
+                "type": str(t),
+                "text_ok": name not in source.texts or text,
+                "nulls": column.null_count,
+                "null_ids": _null_ids(column, ids) if column.null_count else [],
+            }
+        if source.mode != "none":
+            assert source.label_column is not None
+            labels = table.column(source.label_column).combine_chunks()
+            id_list = ids.to_pylist()
+            if source.mode == "class":
+                summary["label"] = _class_summary(labels, id_list, is_eval.tolist())
+            elif source.mode == "class_sequence":
+                seq: dict[str, Any] = {
+                    "type": str(labels.type),
+                    "kind": "list"
+                    if pa.types.is_list(labels.type) or pa.types.is_large_list(labels.type)
+                    else "null"
+                    if pa.types.is_null(labels.type)
+                    else "bad",
+                    "nulls": labels.null_count,
+                    "null_ids": _null_ids(labels, ids) if labels.null_count else [],
+                }
+                if seq["kind"] == "list":
+                    lengths = pc.list_value_length(labels).fill_null(0).to_numpy(zero_copy_only=False)
+                    rows = np.repeat(np.arange(len(labels)), lengths)
+                    seq["elements"] = _class_summary(
+                        pc.list_flatten(labels),
+                        [id_list[i] for i in rows],
+                        is_eval[rows].tolist(),
+                    )
+                summary["label"] = seq
+            else:  # raw
+                raw: dict[str, Any] = {
+                    "nulls": labels.null_count,
+                    "null_ids": _null_ids(labels, ids) if labels.null_count else [],
+                }
+                if source.derive is not None:
+                    raw["names"] = _derive_names(labels.drop_null().to_pylist(), source)
+                summary["label"] = raw
+        out.append(json.dumps(summary, default=str))
+    return pa.table({"summary": pa.array(out, pa.string())})
+
+
+def _derive_names(values: list[Any], source: _Source) -> list[str]:
+    """The task's names for one shard's raw targets (e.g. the characters of its transcripts). The driver
+    takes the union and passes it through the hook once more, so the hook must be idempotent on its own
+    names (a sorted character set is). A shard of string targets that yields none (all transcripts empty)
+    contributes none: the driver's final call decides whether the whole input has none."""
+    from models.registry import get_task
+
+    derive = get_task(source.derive or "").training_label_names
+    try:
+        return list(derive(values, options=dict(source.options), key="train.label_column"))
+    except SpecError:
+        if values and all(isinstance(v, str) for v in values):
+            return []
+        raise
+
+
+def _keep_first(kept: list[tuple[int, int, str]], pos: int, ids: Sequence[str]) -> None:
+    """The first `_QUOTE` row ids in plan order, from shards that arrive in any order."""
+    kept.extend((pos, i, row_id) for i, row_id in enumerate(ids))
+    kept.sort()
+    del kept[_QUOTE:]
+
+
+class _LabelTally:
+    """Class labels merged over shards: kinds (with the first shard of each), nulls, value counts."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, tuple[int, str]] = {}  # kind → (first pos, type)
+        self.nulls = 0
+        self.null_ids: list[tuple[int, int, str]] = []
+        self.counts: dict[Any, list[int]] = {}  # value → [train rows, eval rows]
+        self.first: dict[Any, tuple[int, int]] = {}  # value → (pos, index): ties in messages keep data order
+
+    def add(self, pos: int, s: Mapping[str, Any], *, column: str = "") -> None:
+        kind = s["kind"]
+        if kind not in self.kinds or pos < self.kinds[kind][0]:
+            self.kinds[kind] = (pos, s["type"])
+        self.nulls += s["nulls"]
+        _keep_first(self.null_ids, pos, s["null_ids"])
+        for i, (v, tr, ev) in enumerate(s.get("counts", ())):
+            c = self.counts.get(v)
+            if c is None:
+                if len(self.counts) >= _MAX_CLASSES:
+                    raise SpecError(
+                        "train.label_column",
+                        f"column {column!r} has more than {_MAX_CLASSES} distinct labels; a classifier's labels "
+                        "are a few classes. Point train.label_column at the label column",
+                    )
+                c = self.counts[v] = [0, 0]
+                self.first[v] = (pos, i)
+            elif (pos, i) < self.first[v]:
+                self.first[v] = (pos, i)
+            c[0] += tr
+            c[1] += ev
+
+    def names(
+        self, *, label_names: tuple[str, ...] | None, column: str
+    ) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+        """(label names in id order, keys: the label value of each id) — or the SpecError of the labels."""
+        if "bad" in self.kinds:
+            raise SpecError(
+                "train.label_column",
+                f"column {column!r} has type {self.kinds['bad'][1]}; labels must be strings (class names) or "
+                "integers (class ids). Point train.label_column at the label column or convert it",
+            )
+        if "int" in self.kinds and "str" in self.kinds:
+            raise SpecError(
+                "train.label_column",
+                f"column {column!r} holds integers ({self.kinds['int'][1]}) in some rows and strings in others; "
+                "labels must be all class names or all class ids. Convert the column",
+            )
+        if self.nulls:
+            raise SpecError(
+                "train.label_column",
+                f"column {column!r} has {self.nulls} null label(s) (row ids {[r for *_, r in self.null_ids]}); "
+                "every training and eval row needs a label. Drop or fill those rows, or point "
+                "train.label_column at another column",
+            )
+        ordered = sorted(self.counts, key=lambda v: self.first[v])  # first appearance, in plan order
+        rows = {v: self.counts[v][0] + self.counts[v][1] for v in ordered}
+        is_int = "int" in self.kinds
+        if label_names is not None:
+            if len(set(label_names)) != len(label_names):
+                dupes = sorted({n for n in label_names if label_names.count(n) > 1})
+                raise SpecError("train.label_names", f"names must be distinct, {dupes} appear more than once")
+            if is_int:
+                ok = set(range(len(label_names)))
+                bad = {v: n for v, n in rows.items() if v not in ok}
+                if bad:
+                    raise SpecError(
+                        "train.label_names",
+                        f"column {column!r} holds integer labels, which are ids into train.label_names "
+                        f"(0..{len(label_names) - 1} for {list(label_names)}), but has {_quote_counts(bad)}. "
+                        "Fix the labels, list a name for every id, or leave train.label_names unset to name the "
+                        "classes by their values",
+                    )
+                return label_names, tuple(range(len(label_names)))
+            bad = {v: n for v, n in rows.items() if v not in set(label_names)}
+            if bad:
+                raise SpecError(
+                    "train.label_names",
+                    f"column {column!r} has labels that are not in train.label_names {list(label_names)}: "
+                    f"{_quote_counts(bad)}. Fix the data, add those names to train.label_names, or leave it "
+                    "unset to use the sorted distinct labels of the data",
+                )
+            return label_names, label_names
+        distinct = sorted(rows)
+        if len(distinct) < 2:
+            raise SpecError(
+                "train.label_column",
+                f"column {column!r} has {len(distinct)} distinct label(s) {distinct}; a classifier needs at "
+                "least 2. Check train.label_column, or set train.label_names to list every class",
+            )
+        return tuple(str(v) for v in distinct), tuple(distinct)
+
+    def train_counts(self, keys: Sequence[Any]) -> tuple[int, ...]:
+        return tuple(self.counts.get(k, [0, 0])[0] for k in keys)
+
+
+class _SourceTally:
+    """One input's summaries merged: rows per side, parse errors, the inputs' types and nulls."""
+
+    def __init__(self) -> None:
+        self.rows = self.train = self.eval = 0
+        self.by_pos: dict[int, tuple[int, int]] = {}  # (train rows, eval rows) of each shard
+        self.read_errors = 0
+        self.read_error: tuple[int, str] | None = None
+        self.bad_type: dict[str, tuple[int, str]] = {}  # input → (first pos, type)
+        self.nulls: dict[str, int] = {}
+        self.null_ids: dict[str, list[tuple[int, int, str]]] = {}
+
+    def add(self, s: Mapping[str, Any]) -> None:
+        pos = s["pos"]
+        self.rows += s["rows"]
+        self.train += s["train"]
+        self.eval += s["eval"]
+        self.by_pos[pos] = (s["train"], s["eval"])
+        self.read_errors += s["read_errors"]
+        if s["read_error"] is not None and (self.read_error is None or pos < self.read_error[0]):
+            self.read_error = (pos, s["read_error"])
+        for name, info in s["inputs"].items():
+            if not info["text_ok"] and (name not in self.bad_type or pos < self.bad_type[name][0]):
+                self.bad_type[name] = (pos, info["type"])
+            self.nulls[name] = self.nulls.get(name, 0) + info["nulls"]
+            _keep_first(self.null_ids.setdefault(name, []), pos, info["null_ids"])
+
+    def check(self, source: _Source) -> None:
+        """The errors of the old in-driver read, with the same messages (tests/jobs/test_finetune.py)."""
+        uri = source.spec.uri
+        if self.read_errors:
+            assert self.read_error is not None
+            raise SourceError(
+                f"{self.read_errors} row(s) of {uri!r} could not be parsed (e.g. {self.read_error[1]}); "
+                "training needs every row. Fix or remove those lines"
+            )
+        for name, col in source.inputs.items():
+            if name in self.bad_type:
+                raise SpecError(
+                    f"stages[0].inputs.{name}",
+                    f"column {col!r} of {uri} has type {self.bad_type[name][1]}; input {name!r} must be text",
+                )
+            if self.nulls.get(name):
+                ids = [r for *_, r in self.null_ids[name]]
+                raise SpecError(
+                    f"stages[0].inputs.{name}",
+                    f"column {col!r} of {uri} has {self.nulls[name]} null value(s) (row ids {ids}); every "
+                    f"training row needs its {name!r}. Drop or fill those rows",
+                )
+
+
+class _Tally:
+    """The streaming pass's result: every summary merged on arrival (the driver keeps no per-row state)."""
+
+    def __init__(self, sources: Sequence[_Source], *, mode: LabelMode, column: str) -> None:
+        self.sources = [_SourceTally() for _ in sources]
+        self.mode, self.column = mode, column
+        self.labels = _LabelTally()  # class labels, or the elements of class_sequence labels
+        self.kinds: dict[str, tuple[int, str]] = {}  # class_sequence: list | null | bad → (first pos, type)
+        self.nulls = 0  # null lists (class_sequence) or null targets (raw)
+        self.null_ids: list[tuple[int, int, str]] = []
+        self.derived: set[str] = set()  # raw: the union of the task's names per shard
+
+    def add(self, s: Mapping[str, Any]) -> None:
+        self.sources[s["source"]].add(s)
+        label, pos = s.get("label"), s["pos"]
+        if label is None:
+            return
+        if self.mode == "class":
+            self.labels.add(pos, label, column=self.column)
+            return
+        if self.mode == "class_sequence":
+            kind = label["kind"]
+            if kind not in self.kinds or pos < self.kinds[kind][0]:
+                self.kinds[kind] = (pos, label["type"])
+            if "elements" in label:
+                self.labels.add(pos, label["elements"], column=self.column)
+        self.nulls += label["nulls"]
+        _keep_first(self.null_ids, pos, label["null_ids"])
+        self.derived.update(label.get("names", ()))
+
+
+def _label_ids(values: pa.ChunkedArray | pa.Array, mode: LabelMode, keys: Sequence[Any]) -> pa.Array:
+    """Labels → ids (read tasks): the position of each label in `keys`; lists of labels → lists of ids;
+    raw targets as they are. The streaming pass has checked that every label has a key."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if mode == "raw":
+        return values
+    if mode == "class_sequence":
+        ids = _label_ids(pc.list_flatten(values), "class", keys)
+        lengths = pc.list_value_length(values).fill_null(0).to_numpy(zero_copy_only=False)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), ids)
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    kind = pa.int64() if keys and isinstance(keys[0], int) else pa.string()
+    found = pc.index_in(values.cast(kind), value_set=pa.array(list(keys), kind))
+    return found.cast(pa.int64())
+
+
+def _training_rows(
+    batch: pa.Table, *, source: _Source, side: Literal["train", "eval"], keys: Sequence[Any]
+) -> pa.Table:
+    """Read task of the train/eval datasets: each shard's rows of `side`, as `_train_loop` takes them
+    (task input names, `__label` ids; eval rows a `__row` unique over the eval set: file index · 2^32 + row
+    in file; train rows shuffled within the shard, seeded)."""
+    import numpy as np
+
+    tables = []
+    for item in batch.to_pylist():
+        table, is_eval = _read_item(item, source)
+        keep = np.flatnonzero(is_eval if side == "eval" else ~is_eval)
+        if item["quota"] >= 0:  # train.max_train_rows: this shard's share of the cap
+            keep = keep[: item["quota"]]
+        if side == "train":
+            keep = np.random.default_rng([source.seed, item["pos"]]).permutation(keep)
+        rows = table.take(pa.array(keep, pa.int64()))
+        cols: dict[str, Any] = {name: rows.column(col) for name, col in source.inputs.items()}
+        if source.mode != "none":
+            assert source.label_column is not None
+            cols[_LABEL] = _label_ids(rows.column(source.label_column), source.mode, keys)
+        if side == "eval":
+            in_file = rows.column("__row").to_numpy().astype(np.int64)
+            cols[_ROW] = pa.array(item["file"] * 2**32 + in_file, pa.int64())
+        tables.append(pa.table(cols))
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+
+
+def _lazy(ray: Any, items: list[dict[str, Any]], fn: Callable[..., pa.Table], **kwargs: Any) -> Any:
+    """from_items(shard items, one block each) → map_batches(fn): reads run in Ray Data tasks."""
+    import logging
+
+    from ray.data import DataContext
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # A copy, current only while the dataset is built (a Dataset seals the context it was created under).
+    ctx = DataContext.get_current().copy()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    with DataContext.current(ctx):
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        return ds.map_batches(fn, batch_size=None, batch_format="pyarrow", fn_kwargs=kwargs)
+
+
+def _dataset(ray: Any, data: _Data, side: Literal["train", "eval"]) -> Any:
+    source = data.train_source if side == "train" else data.eval_source
+    items = data.train if side == "train" else data.eval
+    return _lazy(ray, items, _training_rows, source=source, side=side, keys=data.keys)
+
+
+def _shardwise_cause(exc: BaseException) -> ShardwiseError | None:
+    """A ShardwiseError raised in a Ray Data task, inside Ray's wrappers (UserCodeException, RayTaskError)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ShardwiseError):
+            return e
+        todo.extend(
+            c for c in (getattr(e, "cause", None), e.__cause__, e.__context__) if isinstance(c, BaseException)
+        )
+    return None
+
+
+def _scan(ray: Any, items: list[dict[str, Any]], tally: _Tally, sources: Sequence[_Source]) -> None:
+    """The streaming pass: summaries arrive one block (shard) at a time and are merged at once."""
+    ds = _lazy(ray, items, _summarise, sources=list(sources))
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for text in batch.column("summary").to_pylist():
+                tally.add(json.loads(text))
+    except ShardwiseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray wraps the read task's error; report the cause
+        cause = _shardwise_cause(e)
+        if cause is not None:
+            raise cause from None
+        raise SourceError(
+            f"reading the training data failed: {type(e).__name__}: {e}. Check the input files"
+        ) from e
+
+
+def _check_schema(source: _Source, fragments: Sequence[Any], columns: Mapping[str, str]) -> None:
+    """A missing column is a SpecError naming its key, from the first file's schema (metadata only; the read
+    tasks check every file)."""
+    if not fragments or source.spec.resolved_format() == "jsonl":  # jsonl: read_range checks parsed keys
+        return
+    names = input_schema(source.spec, fragments[0]).names
+    for col, key in columns.items():
+        if col not in names:
+            raise SpecError(key, f"column {col!r} is not in {source.spec.uri!r}; its columns: {names}")
+
+
+def _plan_items(
+    spec: JobSpec, source: _Source, fragments: list[Any], *, index: int, first: int
+) -> list[dict[str, Any]]:
+    """The source's shards (pipeline.plan, as inference cuts them) as from_items rows: the shard, its
+    source, its position over all sources (`pos`: plan order), its file's index, a train-row quota."""
+    from pipeline.plan import plan_shards
+
+    shards = plan_shards(dataclasses.replace(spec, input=source.spec), fragments)
+    files = {f.rel: i for i, f in enumerate(fragments)}
+    return [
+        {
+            "shard": json.dumps(s.to_dict()),
+            "source": index,
+            "pos": first + k,
+            "file": files[s.fragment.rel],
+            "quota": -1,
+        }
+        for k, s in enumerate(shards)
+    ]
 
 
 def _prepare_data(spec: JobSpec) -> _Data:
-    """Read, check and split the rows. Everything here runs before Ray starts."""
+    """Plan the rows, check them and name the labels with a streaming pass on Ray (running already), and
+    split train/eval by row-id hash. The driver holds plans and summaries, never rows."""
     import numpy as np
+    import ray
 
     from models.registry import get_task
 
@@ -382,85 +809,132 @@ def _prepare_data(spec: JobSpec) -> _Data:
     if spec.input.id_column:  # read_range builds row ids (used in error messages) from it
         columns.setdefault(spec.input.id_column, "input.id_column")
     split = t.eval_input is None and t.eval_fraction > 0
-    limit = None
+    derive = getattr(task, "training_label_names", None)
+    derive_task = spec.stage.task if mode == "raw" and not t.label_names and callable(derive) else None
+
+    def source(ispec: InputSpec, role: Literal["train", "eval", "split"]) -> _Source:
+        return _Source(
+            spec=ispec,
+            role=role,
+            columns=tuple(columns),
+            inputs=dict(inputs),
+            texts=tuple(texts),
+            mode=mode,
+            label_column=t.label_column if mode != "none" else None,
+            seed=t.seed,
+            eval_fraction=t.eval_fraction,
+            derive=derive_task,
+            options=dict(t.options),
+        )
+
+    train_spec = spec.input
     if t.max_train_rows is not None:
-        # Read only what the cap needs: with a split, enough rows that the train part still reaches it.
-        limit = math.ceil(t.max_train_rows / (1 - t.eval_fraction)) + 1 if split else t.max_train_rows
-    table = _read_rows(spec.input, columns, limit=limit)
-    _check_inputs(table, inputs, texts=texts, what=spec.input.uri)
-    eval_table = None
+        # Read only what the cap needs: with a split, enough rows that the train part still reaches it
+        # (the cap itself is exact: per-shard quotas from the pass's counts, below).
+        need = (
+            math.ceil(t.max_train_rows * _CAP_SLACK / (1 - t.eval_fraction)) + 16
+            if split
+            else t.max_train_rows
+        )
+        train_spec = dataclasses.replace(train_spec, limit=min(train_spec.limit or need, need))
+    sources = [source(train_spec, "split" if split else "train")]
+    fragments = [list_fragments(spec.input)]
     if t.eval_input is not None:
-        eval_table = _read_rows(t.eval_input, columns, limit=None)
-        _check_inputs(eval_table, inputs, texts=texts, what=t.eval_input.uri)
-    if table.num_rows == 0:
+        sources.append(source(t.eval_input, "eval"))
+        fragments.append(list_fragments(t.eval_input))
+    for src, frags in zip(sources, fragments, strict=True):
+        _check_schema(src, frags, columns)
+    plans: list[list[dict[str, Any]]] = []
+    for i, (src, frags) in enumerate(zip(sources, fragments, strict=True)):
+        plans.append(_plan_items(spec, src, frags, index=i, first=sum(len(p) for p in plans)))
+
+    tally = _Tally(sources, mode=mode, column=t.label_column)
+    every = [item for plan in plans for item in plan]
+    if every:
+        _scan(ray, every, tally, sources)
+    for src, st in zip(sources, tally.sources, strict=True):
+        st.check(src)
+    train_tally = tally.sources[0]
+    if train_tally.rows == 0:
         raise SourceError(f"input.uri {spec.input.uri!r} has no rows to train on")
 
-    both = (
-        table if eval_table is None else pa.concat_tables([table, eval_table], promote_options="permissive")
+    names, keys, counts = _labels(tally, t, task)
+    if split and train_tally.train == 0:
+        raise SpecError("train.eval_fraction", f"leaves no training rows out of {train_tally.rows}; lower it")
+
+    # Train items: shards with training rows; max_train_rows becomes exact per-shard quotas, in plan order.
+    train_items = [it for it in plans[0] if train_tally.by_pos[it["pos"]][0] > 0]
+    if t.max_train_rows is not None:
+        left = t.max_train_rows
+        for it in train_items:
+            it["quota"] = min(train_tally.by_pos[it["pos"]][0], left)
+            left -= it["quota"]
+        train_items = [it for it in train_items if it["quota"] > 0]
+    train_rows = sum(
+        it["quota"] if it["quota"] >= 0 else train_tally.by_pos[it["pos"]][0] for it in train_items
     )
-    row_ids = both.column("__id").to_pylist()
-    names: tuple[str, ...] = ()
-    label_ids: pa.Array | None = None
-    if mode == "class":
-        names, ids = resolve_labels(
-            both.column(t.label_column), label_names=t.label_names, column=t.label_column, row_ids=row_ids
-        )
-        label_ids = pa.array(ids, pa.int64())
-    elif mode == "class_sequence":
-        names, label_ids = _resolve_sequences(
-            both.column(t.label_column), label_names=t.label_names, column=t.label_column, row_ids=row_ids
-        )
-    elif mode == "raw":
-        raw = both.column(t.label_column).combine_chunks()
-        if raw.null_count:
-            ids = [row_ids[i] for i, v in enumerate(raw.is_null().to_pylist()) if v]
+    # Shards in a seeded order, so that label-sorted inputs do not reach the workers in long runs of one
+    # class; each shard is shuffled in its read task, and each epoch adds a local shuffle on top.
+    order = np.random.default_rng(t.seed).permutation(len(train_items))
+    train_items = [train_items[i] for i in order]
+    eval_tally = tally.sources[-1]
+    eval_items = [it for it in plans[-1] if eval_tally.by_pos[it["pos"]][1] > 0]
+    eval_rows = eval_tally.eval
+    listing = [[f.rel, f.size, f.version] for f in fragments[0]]
+    if t.eval_input is not None:
+        listing.append([[f.rel, f.size, f.version] for f in fragments[1]])
+    return _Data(
+        train=train_items,
+        eval=eval_items if eval_rows else None,
+        label_names=names,
+        listing=listing,
+        train_source=sources[0],
+        eval_source=sources[-1] if eval_rows else None,
+        keys=keys,
+        label_counts=counts,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+    )
+
+
+def _labels(
+    tally: _Tally, t: FinetuneSpec, task: Any
+) -> tuple[tuple[str, ...], tuple[Any, ...], tuple[int, ...]]:
+    """(label names, keys for `_label_ids`, training rows per class) from the pass, or the labels' error."""
+    col = t.label_column
+    if tally.mode == "none":
+        return (), (), ()
+    if tally.mode == "class_sequence":
+        bad = tally.kinds.get("bad") or (None if "list" in tally.kinds else tally.kinds.get("null"))
+        if bad is not None:
             raise SpecError(
                 "train.label_column",
-                f"column {t.label_column!r} has {raw.null_count} null value(s) (row ids {ids[:_QUOTE]}); "
-                "every training row needs its target. Drop or fill those rows",
+                f"column {col!r} has type {bad[1]}; this task needs a list of labels per row (e.g. one tag "
+                "per word). Point train.label_column at such a column",
             )
-        label_ids = raw
-        # Raw targets may still index named classes (detection category ids): pass the names through.
-        names = tuple(t.label_names or ())
-        derive = getattr(task, "training_label_names", None)
-        if not names and callable(derive):
-            # Or the task names its outputs after the targets (a CTC vocabulary: the transcripts' characters).
-            names = tuple(derive(raw.to_pylist(), options=dict(t.options), key="train.label_column"))
-
-    def task_columns(rows: pa.Table, labels: pa.Array | None) -> pa.Table:
-        cols = {name: rows.column(col) for name, col in inputs.items()}
-        if labels is not None:
-            cols[_LABEL] = labels
-        return pa.table(cols)
-
-    def labels_of(start: int, stop: int) -> pa.Array | None:
-        return None if label_ids is None else label_ids.slice(start, stop - start)
-
-    rng = np.random.default_rng(t.seed)
-    train = task_columns(table, labels_of(0, table.num_rows))
-    if eval_table is not None:
-        evaluation: pa.Table | None = task_columns(eval_table, labels_of(table.num_rows, len(both)))
-    elif split:
-        order = rng.permutation(table.num_rows)
-        n_eval = max(1, round(table.num_rows * t.eval_fraction))
-        if n_eval >= table.num_rows:
+        if tally.nulls:
             raise SpecError(
-                "train.eval_fraction", f"leaves no training rows out of {table.num_rows}; lower it"
+                "train.label_column",
+                f"column {col!r} has {tally.nulls} null list(s) (row ids {[r for *_, r in tally.null_ids]}); "
+                "every training row needs its labels. Drop or fill those rows",
             )
-        evaluation, train = train.take(np.sort(order[:n_eval])), train.take(order[n_eval:])
-    else:
-        evaluation = None
-    # Shuffled once here (seeded) so that label-sorted inputs do not reach the workers in long runs of one
-    # class; each epoch adds a local shuffle on top.
-    train = train.take(rng.permutation(train.num_rows))
-    if t.max_train_rows is not None:
-        train = train.slice(0, t.max_train_rows)
-    if evaluation is not None:
-        evaluation = evaluation.append_column(_ROW, pa.array(np.arange(evaluation.num_rows), pa.int64()))
-    listing = [[f.rel, f.size, f.version] for f in list_fragments(spec.input)]
-    if t.eval_input is not None:
-        listing.append([[f.rel, f.size, f.version] for f in list_fragments(t.eval_input)])
-    return _Data(train, evaluation, names, listing)
+    if tally.mode in ("class", "class_sequence"):
+        names, keys = tally.labels.names(label_names=t.label_names, column=col)
+        return names, keys, tally.labels.train_counts(keys)
+    if tally.nulls:  # raw
+        raise SpecError(
+            "train.label_column",
+            f"column {col!r} has {tally.nulls} null value(s) (row ids {[r for *_, r in tally.null_ids]}); "
+            "every training row needs its target. Drop or fill those rows",
+        )
+    # Raw targets may still index named classes (detection category ids): pass the names through.
+    names = tuple(t.label_names or ())
+    derive = getattr(task, "training_label_names", None)
+    if not names and callable(derive):
+        # Or the task names its outputs after the targets (a CTC vocabulary: the transcripts' characters):
+        # its names of each shard, merged, through the hook once more (which also judges an empty union).
+        names = tuple(derive(sorted(tally.derived), options=dict(t.options), key="train.label_column"))
+    return names, (), ()
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -653,10 +1127,9 @@ def _embedded_cpus(num_workers: int) -> int:
     """Logical CPUs for the embedded cluster.
 
     Each Train worker reserves 1 CPU and Ray Train waits, without end, until all of them fit; the V2
-    controller and Ray Data's split coordinator reserve none, and `from_arrow` datasets run no Ray Data task
-    (seen with ray 2.60: 2 workers train on exactly 2 logical CPUs; 1 CPU for 2 workers never starts, which
-    `_check_cluster` turns into an error). The spare CPU keeps that true if the datasets ever gain a read or
-    map stage: its task would otherwise wait forever behind the workers. Logical CPUs may exceed the cores;
+    controller and Ray Data's split coordinator reserve none (seen with ray 2.60: 2 workers train on exactly
+    2 logical CPUs; 1 CPU for 2 workers never starts, which `_check_cluster` turns into an error). The
+    datasets' read tasks need the spare CPU: they would otherwise wait forever behind the workers. Logical CPUs may exceed the cores;
     torch threads are set per worker.
     """
     return max(os.cpu_count() or 1, num_workers + 1)
@@ -729,13 +1202,18 @@ def run_finetune(
     out = OutputDir(spec.output.uri, storage_options=spec.output.storage_options)
     # Read-only checks first: nothing (not even a lease file) is written before the job is known to be good.
     _check_output(spec, out, delete=False)
-    data = _prepare_data(spec)
     # A local base model becomes an absolute path (workers run in their own directories); a remote one is
     # fetched by each worker into its node's cache.
     remote_model = "://" in stage.model and not stage.model.startswith("file://")
     base = stage.model if remote_model else resolve_model(stage.model, revision=stage.revision)
     if not remote_model:
         _check_base_model(base, stage.model)
+    # The data checks are a Ray Data pass over the input (the driver never holds the rows): Ray starts
+    # here, after the checks that need no data and before anything is written.
+    init_ray(address=address, num_cpus=None if address else _embedded_cpus(t.num_workers))
+    if address is None:
+        _check_cluster(t)
+    data = _prepare_data(spec)
     fp = _fingerprint(spec, data, model_identity(stage.model, revision=stage.revision))
     run_id = new_run_id()
     with Lease(out, run_id, what=f"fine-tune {spec.name!r}"):
@@ -784,10 +1262,6 @@ def _finetune_locked(
 
     write_manifest("running")
 
-    init_ray(address=address, num_cpus=None if address else _embedded_cpus(t.num_workers))
-    if address is None:
-        _check_cluster(t)
-
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -797,16 +1271,18 @@ def _finetune_locked(
         base_model=base,
         input_names=tuple(stage.inputs),
         label_names=data.label_names,
-        has_labels=_LABEL in data.train.column_names,
+        has_labels=data.train_source is not None and data.train_source.mode != "none",
         train=t,
-        train_rows=data.train.num_rows,
+        train_rows=data.train_rows,
         has_eval=data.eval is not None,
         threads=max(1, (os.cpu_count() or 1) // t.num_workers),
+        label_counts=data.label_counts,
         class_weights=_class_weights(spec, data),
     )
-    datasets = {"train": _dataset(ray, data.train, blocks=t.num_workers * _BLOCKS_PER_WORKER)}
+    # Lazy reads: Ray Train's ingest executes "train" (streaming_split), each worker "eval".
+    datasets = {"train": _dataset(ray, data, "train")}
     if data.eval is not None:
-        datasets["eval"] = _dataset(ray, data.eval, blocks=t.num_workers)
+        datasets["eval"] = _dataset(ray, data, "eval")
     board = ray.remote(num_cpus=0)(_Board).remote() if progress else None
     trainer = TorchTrainer(
         _train_loop,
@@ -864,8 +1340,8 @@ def _finetune_locked(
         "task": stage.task,
         "base_model": stage.model,
         "label_names": list(data.label_names),
-        "train_rows": data.train.num_rows,
-        "eval_rows": data.eval.num_rows if data.eval is not None else 0,
+        "train_rows": data.train_rows,
+        "eval_rows": data.eval_rows,
         "num_workers": t.num_workers,
         "use_gpu": t.use_gpu,
         # Without storage options: they may hold credentials.
@@ -933,21 +1409,11 @@ def _class_weights(spec: JobSpec, data: _Data) -> tuple[float, ...] | None:
             "train.class_weights",
             f"task {spec.stage.task!r} does not train a classifier over named classes; remove class_weights",
         )
-    labels = data.train.column(_LABEL).combine_chunks()
-    if mode == "class_sequence":
-        labels = labels.flatten()
-    ids = np.asarray(labels.to_numpy(zero_copy_only=False), dtype=np.int64)
-    ids = ids[ids >= 0]
-    counts = np.bincount(ids, minlength=len(data.label_names)).astype(np.float64)
+    # Per-class training rows (tags, for sequences) from the streaming pass; the rows are never on the driver.
+    counts = np.asarray(data.label_counts, dtype=np.float64)
     n_classes = len(data.label_names)
     weights = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
     return tuple(float(w) for w in weights)
-
-
-def _dataset(ray: Any, table: pa.Table, *, blocks: int) -> Any:
-    n = max(1, min(blocks, table.num_rows))
-    step = math.ceil(table.num_rows / n)
-    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
 
 
 def _worker_cause(exc: BaseException) -> BaseException:

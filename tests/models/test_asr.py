@@ -255,7 +255,8 @@ def test_finetune_job_then_inference_on_its_folder(
     )
     result = run_finetune(spec, progress=False)
     assert result.label_names == ("a", "b", "c")
-    assert (result.train_rows, result.eval_rows) == (36, 12)
+    # The eval split is by a hash of the row id: about eval_fraction of the 48 clips, none lost.
+    assert result.train_rows + result.eval_rows == 48 and 6 <= result.eval_rows <= 18, result
     first, last = result.metrics[0], result.metrics[-1]
     assert last["train_loss"] < first["train_loss"]
     assert last["eval_loss"] < first["eval_loss"]
