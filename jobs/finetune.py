@@ -1304,7 +1304,7 @@ def _finetune_locked(
         ),
         datasets=datasets,
         # Only "train" is split; every worker sees all of "eval" and keeps its stride (exact counts).
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=_data_config(ray, t),
     )
     stop = threading.Event()
     watcher = _watch(board, stop, loop) if board is not None else None
@@ -1382,6 +1382,18 @@ def _finetune_locked(
         metrics=history,
         wall_s=wall,
     )
+
+
+def _data_config(ray: Any, t: FinetuneSpec) -> Any:
+    """Only "train" is split; every worker sees all of "eval" and keeps its stride (exact counts). With
+    mid-epoch checkpoints the train rows arrive in plan order (the shards' order is seeded), so a restored
+    epoch that skips the batches it already trained on skips the same rows (exactly with one worker; with
+    several, the split across workers may deal them out differently)."""
+    if not t.checkpoint_every_steps:
+        return ray.train.DataConfig(datasets_to_split=["train"])
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": options})
 
 
 def _best_checkpoint(result: Any, epoch: int) -> Any:
