@@ -189,7 +189,7 @@ def run_dag_reviews(
     import pyarrow.parquet as pq
     import ray
 
-    from infra.assets import asset_cache, fetch_minilm, fetch_smollm2, write_rt_splits
+    from infra.assets import fetch_minilm, fetch_smollm2, write_rt_splits
     from pipeline.bind import bind
     from pipeline.commit import read_output
     from pipeline.execute import embedded_cpus, init_ray, run_inference
@@ -198,8 +198,9 @@ def run_dag_reviews(
     work_dir = Path(work_dir).resolve()
     log("fetching MiniLM, SmolLM2 and the Rotten Tomatoes splits (cached after the first run)")
     minilm, smollm2 = fetch_minilm(), fetch_smollm2()
-    # The demo's splits (n_test 1000): the fine-tune's train split is the demo's, the test reviews unseen.
-    train, test = write_rt_splits(asset_cache() / "rt", n_train=cfg.n_train, n_test=1000)
+    # The demo's splits (n_test 1000; the test split does not depend on n_train), written under the work dir
+    # so another n_train never rewrites the shared asset cache's copy that other benchmarks read.
+    train, test = write_rt_splits(work_dir / "data" / "rt", n_train=cfg.n_train, n_test=1000)
     test_table = pq.read_table(test)
     if cfg.rows > test_table.num_rows:
         raise ValueError(f"--rows {cfg.rows}: the test split has {test_table.num_rows} reviews")

@@ -17,6 +17,7 @@ from tests.models.nlp_helpers import make_token_classifier
 ROWS = 200
 
 
+@pytest.mark.slow  # three Ray jobs, each starting its replicas: ~40-70 s on 2 shared cores
 @pytest.mark.timeout(300)
 def test_dag_and_back_to_back_process_every_row_and_agree(ray_session, tmp_path: Path) -> None:
     models = {
