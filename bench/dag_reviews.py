@@ -131,7 +131,9 @@ def finetune_classifier(
         [f"input.uri={train}", f"stages.0.model={minilm}", f"output.uri={out}", f"train.epochs={cfg.epochs}"],
     )
     t0 = time.perf_counter()
-    result = run_finetune(spec, overwrite=True)
+    # Resume, not overwrite: this runs only when `out` holds no finished model, and a rerun after a killed
+    # fine-tune then continues from its last checkpoint instead of starting over.
+    result = run_finetune(spec, overwrite=False)
     return {
         "wall_s": round(time.perf_counter() - t0, 1),
         "train_rows": result.train_rows,
