@@ -288,15 +288,15 @@ def model_identity(
 
         fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         listing = sorted(fs.find(root, detail=True).items())
-        files = {
+        listed: dict[str, Any] = {
             os.path.relpath(p, root.rstrip("/")): [
                 i.get("size"),
                 str(i.get("ETag") or i.get("etag") or ""),
             ]
             for p, i in listing
         }
-        identity: dict[str, Any] = {"uri": uri, "files": files}
-        if _ADAPTER_CONFIG in files:
+        identity: dict[str, Any] = {"uri": uri, "files": listed}
+        if _ADAPTER_CONFIG in listed:
             identity["base"] = _base_identity(
                 uri, fs.cat_file(posixpath.join(root, _ADAPTER_CONFIG)).decode()
             )

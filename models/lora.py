@@ -153,9 +153,10 @@ def apply_lora(
         ) from e
     if state is not None:
         result = set_peft_model_state_dict(peft_model, dict(state))
-        if result.unexpected_keys:
+        unexpected = sorted(getattr(result, "unexpected_keys", None) or [])
+        if unexpected:
             raise ModelError(
-                f"the LoRA checkpoint holds weights this model does not have ({sorted(result.unexpected_keys)[:3]}); "
+                f"the LoRA checkpoint holds weights this model does not have ({unexpected[:3]}); "
                 "it was written with other train.lora settings. Rerun with output.mode: overwrite"
             )
     return peft_model

@@ -498,8 +498,9 @@ def _run_locked(
     graph_stats = ""
     try:
         if todo:
+            reused = ray_module().is_initialized()
             init_ray(address=address, num_cpus=None if address else embedded_cpus(prep.job))
-            _check_capacity(prep.job)
+            _check_capacity(prep.job, reused=reused and address is None)
             graph = GraphJob(prep.job, out, run_id, prep.fingerprint)
             ds = build_dataset(ray_module(), graph, todo)
             last_write = time.monotonic()
@@ -633,8 +634,9 @@ def _write_run_log(out: OutputDir, *, run_id: str, **figures: Any) -> None:
     out.write_bytes(f"_runs/{run_id}.json", json.dumps(record, sort_keys=True).encode())
 
 
-def _check_capacity(job: BoundJob) -> None:
-    """Refuse a job whose replica pools cannot all start on the cluster: Ray would wait for them forever."""
+def _check_capacity(job: BoundJob, *, reused: bool = False) -> None:
+    """Refuse a job whose replica pools cannot all start on the cluster: Ray would wait for them forever.
+    `reused`: the cluster is one this process started earlier (for another job), not sized for this one."""
     import ray
 
     total = ray.cluster_resources()
@@ -649,6 +651,13 @@ def _check_capacity(job: BoundJob) -> None:
             f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs, but the stages' replica pools need {need_cpus:g} "
             f"CPUs (with one read task) and {need_gpus:g} GPUs at their minimum size ({pools}); lower "
             "stages[*].replicas, num_cpus or num_gpus, or add nodes"
+            + (
+                ". This process's Ray was started earlier (by an earlier job or fine-tune) and is not sized for "
+                "this one: run the job in a new process, or call ray.shutdown() first so shardwise starts a "
+                "cluster sized for it"
+                if reused
+                else ""
+            )
         )
 
 

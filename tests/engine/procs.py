@@ -12,18 +12,46 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def pids_matching(text: str) -> list[int]:
-    """PIDs whose command line (Ray sets it to the actor's name) contains `text`."""
-    pids = []
+def _parents() -> dict[int, int]:
+    """pid → parent pid, for every process visible in /proc."""
+    parents = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if entry.name.isdigit():
+            try:
+                # the fields after the command's closing parenthesis: state, ppid, ...
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def pids_matching(text: str) -> list[int]:
+    """PIDs of this test's own processes (descendants of this process: the Ray it started, a CLI it ran and
+    that CLI's Ray) whose command line (Ray sets it to the actor's name) contains `text`. Never another
+    user's or another test run's processes on the same machine."""
+    parents = _parents()
+    me = os.getpid()
+
+    def mine(pid: int) -> bool:
+        seen = set()
+        while pid > 1 and pid not in seen:
+            seen.add(pid)
+            pid = parents.get(pid, 0)
+            if pid == me:
+                return True
+        return False
+
+    pids = []
+    for pid in parents:
+        if not mine(pid):
             continue
         try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if text in cmd:
-            pids.append(int(entry.name))
+            pids.append(pid)
     return pids
 
 
