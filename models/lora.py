@@ -49,6 +49,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # peft's save_pretrained writes a model card; the output folder is shardwise's, and the card would only say
 # "more information needed".
 _PEFT_CARD = "README.md"
+# Names of the folders jobs.finetune._publish stages a model in (inside the output, or a local temp folder).
+_STAGING_PREFIXES = (".staging-", "shardwise-model-")
 # peft's task types for the text tasks (its task-specific PeftModel classes); other tasks get the generic
 # PeftModel, which forwards every argument to the model unchanged.
 _TASK_TYPES = {
@@ -192,9 +194,14 @@ class _ConfigOnly:
 def save_lora(model: Any, out_dir: str, *, trainable: Any, base: str) -> None:
     """An adapter folder: the LoRA adapter and head weights (adapter_model.safetensors), adapter_config.json
     naming `base` (the fine-tune's resolved base model path or URI) and the trainable's other files. A
-    checkpoint (resumable: `read_adapter`) and, with `merge: false`, the published model."""
+    checkpoint (resumable: `read_adapter`) and, with `merge: false`, the published model.
+
+    `out_dir` must be a new, empty folder (the caller's temp folder): the model card peft writes there is
+    removed, and nothing that was there before could be."""
+    if any(Path(out_dir).iterdir()):
+        raise ValueError(f"save_lora writes into a new, empty folder; {out_dir!r} is not empty")
     model.save_pretrained(out_dir)
-    Path(out_dir, _PEFT_CARD).unlink(missing_ok=True)
+    Path(out_dir, _PEFT_CARD).unlink(missing_ok=True)  # peft's card, written just now
     path = Path(out_dir, ADAPTER_CONFIG)
     config = json.loads(path.read_text())
     # peft writes the base's `name_or_path`: a node-local cache folder when the base came from a URI.
@@ -206,7 +213,11 @@ def save_lora(model: Any, out_dir: str, *, trainable: Any, base: str) -> None:
 def merge_lora(folder: str, *, trainable: Any, base_dir: str) -> None:
     """Turn an adapter folder written by `save_lora` into a full model folder, in place: the base built the
     way training built it, the adapter applied and merged (W + B·A·alpha/r; the trained head replaces the
-    base's), saved by the trainable's own `save`. Runs on the driver at publish time."""
+    base's), saved by the trainable's own `save`. Runs on the driver at publish time, on the staging copy
+    of the checkpoint that `jobs.finetune._publish` made: any other folder is refused, since the adapter
+    files are deleted from it."""
+    if not Path(folder).name.startswith(_STAGING_PREFIXES):
+        raise ValueError(f"merge_lora rewrites a publish staging folder only; {folder!r} is not one")
     from peft import PeftModel
 
     model = trainable.build_model(base_dir)

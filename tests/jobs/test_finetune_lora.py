@@ -465,3 +465,21 @@ def test_an_adapter_folder_is_refused_as_a_base_before_ray(
     )
     with pytest.raises(ModelError, match="is a LoRA adapter folder"):
         run_finetune(spec, progress=False)
+
+
+def test_lora_file_deletes_reach_only_folders_shardwise_made(tmp_path: Path) -> None:
+    """save_lora deletes the model card peft writes and merge_lora the adapter files it merged: both refuse a
+    folder that is not theirs (a user's folder with its own README.md, adapter files, anything), so no file
+    of the user's can be deleted; the folder is untouched."""
+    from models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_lora, save_lora
+
+    user = tmp_path / "my-model"
+    user.mkdir()
+    for name in ("README.md", ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        (user / name).write_text(f"the user's {name}")
+    before = {p.name: p.read_text() for p in user.iterdir()}
+    with pytest.raises(ValueError, match="new, empty folder"):
+        save_lora(object(), str(user), trainable=object(), base="/base")
+    with pytest.raises(ValueError, match="staging folder only"):
+        merge_lora(str(user), trainable=object(), base_dir="/base")
+    assert {p.name: p.read_text() for p in user.iterdir()} == before
