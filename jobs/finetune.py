@@ -10,7 +10,8 @@
           → TorchTrainer(ScalingConfig(num_workers, use_gpu)), each worker:
                builds the task's `Trainable`, `prepare_model` (DDP: gloo on CPU, NCCL on GPU)
                per epoch: its `get_dataset_shard("train")` → encode → AdamW step, linear warmup + decay
-                          eval rows with `row % world_size == rank` → loss / accuracy sums, all-reduced
+                          eval rows with `row % world_size == rank` → loss / accuracy sums, all-reduced;
+                          the task's (prediction, reference) pairs → gathered on rank 0 → task metrics
                           rank 0: checkpoint (HF folder + optimizer state) → `ray.train.report`
           → driver: last checkpoint → output folder (staged, then moved in), train_metrics.json, `_SUCCESS`
 
@@ -31,14 +32,39 @@ Task hooks. The loop is task-agnostic; what it needs from a task is reached thro
         def save(self, model, out_dir) -> None                  # standard HF folder
         # optional: (hits, total) for eval_accuracy; default below
         def eval_counts(self, output, batch) -> tuple[float, float]: ...
+        # optional, the task metrics of every epoch (all three or none; see "Task metrics"):
+        eval_score: tuple[str, "max" | "min"]   # the record key that picks the best epoch, and its direction
+        def eval_predictions(self, output, batch, *, model) -> list[tuple[Any, Any]]: ...  # each worker
+        def eval_metrics(self, pairs) -> dict[str, float]: ...  # rank 0, every eval row's pairs
 
 `columns` maps task input names (`text`, `image`, ...) to lists of values as read; `labels` is one entry
 per row (see Labels) or None. `encode` returns tensors, or lists/dicts of tensors (DETR's per-image
-targets), moved to the worker's device recursively. `options` is `train.options`: task-specific settings
-such as `label_all_tokens` or `packing`. The reported `eval_accuracy` is the task's `eval_counts`
-hits/total summed over the eval set; by default `argmax(logits, -1) == labels` over the positions where
-labels != -100 (sequence, token and next-token accuracy alike). A task without `training` is refused with
-a SpecError naming the tasks that have it.
+targets), moved to the worker's device recursively; keys starting with `_` are not model inputs but extras
+for `eval_predictions` (answer offsets, image sizes, target texts; they stay on the CPU). `options` is
+`train.options`: task-specific settings such as `label_all_tokens` or `packing`. The reported
+`eval_accuracy` is the task's `eval_counts` hits/total summed over the eval set; by default
+`argmax(logits, -1) == labels` over the positions where labels != -100 (sequence, token and next-token
+accuracy alike). A task without `training` is refused with a SpecError naming the tasks that have it.
+
+Task metrics. After each epoch every worker runs `eval_predictions(output, batch, *, model)` on its eval
+batches (`batch` holds the model inputs and the `_` extras; `model` is the bare module, for `generate`): one
+(prediction, reference) pair per eval row, in the shapes `models.metrics` consumes. The pairs are gathered
+on rank 0, which calls `eval_metrics(pairs)` (a `models.metrics` function through `epoch_metrics`) and
+broadcasts the result, so every rank's epoch record is the same (early stopping stops them together). The
+record keys, `eval_<metric>`:
+    text/image/audio classification  eval_macro_f1 (scikit-learn)
+    token classification             eval_entity_precision / _recall / _f1 (seqeval, words' first sub-token)
+    question answering               eval_exact_match, eval_f1 (SQuAD v1.1; the inference span search)
+    speech recognition (CTC)         eval_wer, eval_cer (jiwer; greedy CTC decoding)
+    object detection                 eval_map, eval_map_50 (pycocotools; the processor's post-process)
+    image segmentation               eval_mean_iou, eval_pixel_accuracy (torchmetrics; ignore_index unscored)
+    depth estimation                 eval_delta1, eval_abs_rel, eval_rmse (at the label's size)
+    summarization                    eval_rouge1 / 2 / L (rouge-score; greedy generation, see below)
+    translation                      eval_bleu (sacrebleu, 0-100), eval_chrf
+    text generation                  eval_perplexity (exp of the mean token NLL; nothing is generated)
+`eval_score` names the one that picks the published epoch ("min": lower is better, WER and perplexity;
+`_score` negates it). Eval cost: only seq2seq generates, greedily and at most `max_target_length` new tokens
+per row; the other tasks reuse the eval forward's outputs.
 
 Data passing. Rows reach the workers as Ray datasets (`datasets={"train", "eval"}` +
 `get_dataset_shard`), not in `train_loop_config`: the config is pickled into every worker, the object
@@ -148,7 +174,8 @@ _LABEL_MODES = ("class", "class_sequence", "raw", "none")
 
 
 class Trainable(Protocol):
-    """The task-specific pieces of fine-tuning, built inside each Ray Train worker."""
+    """The task-specific pieces of fine-tuning, built inside each Ray Train worker (optional members: the
+    module docstring, "Task hooks" and "Task metrics")."""
 
     def build_model(self, weights_dir: str) -> torch.nn.Module: ...
 
@@ -185,8 +212,8 @@ class FinetuneResult:
     train_rows: int
     eval_rows: int
     label_names: tuple[str, ...]
-    # One entry per epoch: {epoch, train_loss, eval_loss, eval_accuracy, epoch_s}; eval_* are None when
-    # there is no eval set.
+    # One entry per epoch: {epoch, train_loss, eval_loss, eval_accuracy, the task's eval_<metric>s (see
+    # "Task metrics"), epoch_s, score}; eval_* are None (task metrics absent) when there is no eval set.
     metrics: list[dict[str, Any]] = field(repr=False)
     wall_s: float
 
@@ -1510,62 +1537,77 @@ def _accuracy_counts(output: Any, batch: Mapping[str, Any]) -> tuple[float, floa
     return float(correct.sum().item()), float(keep.sum().item())
 
 
-def _class_pairs(out: Any, batch: Mapping[str, Any]) -> list[tuple[int, int]]:
-    """(predicted class id, true class id) per row of a sequence classifier's eval batch."""
-    return list(zip(out.logits.argmax(-1).tolist(), batch["labels"].tolist(), strict=True))
+def _split_extras(batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`encode`'s output → (model inputs, extras): keys starting with "_" are not model inputs but what a
+    task's `eval_predictions` needs beside the outputs (answer offsets, image sizes, target texts)."""
+    inputs = {k: v for k, v in batch.items() if not k.startswith("_")}
+    return inputs, {k: v for k, v in batch.items() if k.startswith("_")}
 
 
-def _tag_pairs(out: Any, batch: Mapping[str, Any]) -> list[tuple[list[int], list[int]]]:
-    """(predicted tags, true tags) per row of a token classifier's eval batch, over the labelled tokens (the
-    first sub-token of each word; -100 elsewhere)."""
-    predicted, labels = out.logits.argmax(-1).tolist(), batch["labels"].tolist()
-    pairs = []
-    for pred, ref in zip(predicted, labels, strict=True):
-        keep = [i for i, r in enumerate(ref) if r != -100]
-        pairs.append(([pred[i] for i in keep], [ref[i] for i in keep]))
-    return pairs
-
-
-_EVAL_COLLECTORS: dict[str, Callable[[Any, Mapping[str, Any]], list[Any]]] = {
-    "class": _class_pairs,
-    "class_sequence": _tag_pairs,
-}
-# The metric that picks the best epoch, per label mode (see _score).
-_SCORE_METRIC = {"class": "eval_macro_f1", "class_sequence": "eval_entity_f1"}
-
-
-def _task_metrics(mode: str, pairs: list[tuple[Any, Any]], names: Sequence[str]) -> dict[str, float]:
-    """Per-epoch task metrics from models.metrics' libraries: accuracy and macro-F1 (sklearn) for
-    classification, entity precision/recall/F1 (seqeval) for token classification."""
-    if not pairs:
-        return {}
-    name = names.__getitem__
-    if mode == "class":
-        from models.metrics import classification_metrics
-
-        m = classification_metrics([{"label": name(p)} for p, _ in pairs], [name(r) for _, r in pairs])
-        return {"eval_macro_f1": m["macro_f1"]}
-    from seqeval.metrics import f1_score, precision_score, recall_score
-
-    y_pred = [[name(t) for t in p] for p, _ in pairs]
-    y_true = [[name(t) for t in r] for _, r in pairs]
-    return {
-        "eval_entity_precision": float(precision_score(y_true, y_pred, zero_division=0)),
-        "eval_entity_recall": float(recall_score(y_true, y_pred, zero_division=0)),
-        "eval_entity_f1": float(f1_score(y_true, y_pred, zero_division=0)),
-    }
-
-
-def _score(record: Mapping[str, Any]) -> float:
-    """What picks the published epoch, higher is better: the task's eval metric (macro-F1 for
-    classification, entity F1 for token classification, else the task's eval accuracy) when there is one,
-    else the negated eval loss, else the epoch number (no eval set: the last epoch)."""
-    for metric in (*_SCORE_METRIC.values(), "eval_accuracy"):
-        if record.get(metric) is not None:
-            return float(record[metric])
+def _score(record: Mapping[str, Any], best: tuple[str, str] | None) -> float:
+    """What picks the published epoch, higher is better: the task's eval metric (`Trainable.eval_score`,
+    negated when lower is better: WER, perplexity) when there is one, else the task's eval accuracy, else
+    the negated eval loss, else the epoch number (no eval set: the last epoch)."""
+    if best is not None and record.get(best[0]) is not None:
+        value = float(record[best[0]])
+        return value if best[1] == "max" else -value
+    if record.get("eval_accuracy") is not None:
+        return float(record["eval_accuracy"])
     if record.get("eval_loss") is not None:
         return -float(record["eval_loss"])
     return float(record["epoch"])
+
+
+def _eval_score(trainable: Any) -> tuple[str, str] | None:
+    """The task's `eval_score` (record key, "max" | "min"), checked; None for a task without task metrics."""
+    best = getattr(trainable, "eval_score", None)
+    if best is None:
+        return None
+    if not (isinstance(best, tuple) and len(best) == 2 and best[1] in ("max", "min")):
+        raise TypeError(
+            f"{type(trainable).__name__}.eval_score must be (record key, 'max' | 'min'), got {best!r}"
+        )
+    return best
+
+
+def _gathered_metrics(
+    trainable: Any, pairs: list[tuple[Any, Any]], *, rank: int, world: int
+) -> dict[str, float]:
+    """Every worker's (prediction, reference) pairs → rank 0, which computes the task metrics
+    (`eval_metrics`) once; the result is broadcast so that every rank holds the same record (early stopping
+    must stop every rank at the same epoch). A set with nothing to score gives no task metrics (logged)."""
+    import logging
+
+    from models.metrics import MetricsError
+
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * world if rank == 0 else []
+        dist.gather_object(pairs, parts if rank == 0 else None, dst=0)
+        pairs = [pair for part in parts for pair in part] if rank == 0 else []
+    result: dict[str, float] = {}
+    if rank == 0 and pairs:
+        try:
+            result = trainable.eval_metrics(pairs)
+        except MetricsError as e:
+            logging.getLogger(__name__).warning("no task metrics for this epoch: %s", e)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
+
+def _shown_eval(record: Mapping[str, Any], best: tuple[str, str] | None) -> dict[str, float]:
+    """An epoch's eval figures for the progress line: accuracy and the task's metric (`eval_` dropped)."""
+    shown = {}
+    for key in ("eval_accuracy", best[0] if best else None):
+        if key is not None and record.get(key) is not None:
+            shown[key.removeprefix("eval_").replace("accuracy", "acc")] = round(float(record[key]), 4)
+    return shown
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -1593,13 +1635,16 @@ def _train_loop(config: dict[str, Any]) -> None:
         base_dir, label_names=loop.label_names, max_length=t.max_length, options=dict(t.options)
     )
     eval_counts = getattr(trainable, "eval_counts", None) or _accuracy_counts
-    mode = label_mode(task)
-    collect = _EVAL_COLLECTORS.get(mode)  # (prediction, reference) pairs for the task metrics
+    # Task metrics: (prediction, reference) per eval row, on every worker; metrics on rank 0 (see Trainable).
+    predict = getattr(trainable, "eval_predictions", None)
+    score_by = _eval_score(trainable)
 
-    def encode(batch: pa.Table) -> dict[str, Any]:
+    def encode(batch: pa.Table) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Model inputs on the worker's device, and the task's extras (see `_split_extras`)."""
         columns = {name: batch.column(name).to_pylist() for name in loop.input_names}
         labels = batch.column(_LABEL).to_pylist() if loop.has_labels else None
-        return _to_device(trainable.encode(columns, labels), device)
+        inputs, extras = _split_extras(trainable.encode(columns, labels))
+        return _to_device(inputs, device), extras
 
     per_worker = max(1, t.batch_size // world)
     accum = t.grad_accum_steps
@@ -1723,7 +1768,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             micro += 1
             if micro <= skip:
                 continue
-            inputs = encode(batch)
+            inputs, _ = encode(batch)
             with autocast:
                 out = model(**inputs)
                 loss = loss_of(out, inputs)
@@ -1736,8 +1781,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             step = optimizer_step(step)
             if board is not None and rank == 0:
                 shown = {"step": step, "epoch": f"{epoch + 1}/{t.epochs}", "loss": round(loss.item(), 4)}
-                if history and history[-1]["eval_accuracy"] is not None:
-                    shown["eval_acc"] = round(history[-1]["eval_accuracy"], 4)  # of the previous epoch
+                if history:  # the previous epoch's eval figures
+                    shown.update(_shown_eval(history[-1], score_by))
                 board.post.remote(shown)
             every = t.checkpoint_every_steps
             if every and step % every == 0 and micro < micro_per_epoch:
@@ -1759,12 +1804,12 @@ def _train_loop(config: dict[str, Any]) -> None:
                     if not mine:
                         continue
                     batch = batch.take(mine)
-                    inputs = encode(batch)
+                    inputs, extras = encode(batch)
                     with autocast:
                         out = core(**inputs)
+                        if predict is not None:  # seq2seq generates here: bounded, see Seq2SeqTrainable
+                            pairs.extend(predict(out, {**inputs, **extras}, model=core))
                     hits, total = eval_counts(out, inputs)
-                    if collect is not None:
-                        pairs.extend(collect(out, inputs))
                     sums[2] += out.loss.item() * batch.num_rows
                     sums[3] += batch.num_rows
                     sums[4] += hits
@@ -1789,16 +1834,10 @@ def _train_loop(config: dict[str, Any]) -> None:
         }
         if epoch == start_epoch and resumed is not None:
             record["resumed_at_step"] = resumed_step  # this epoch continued from a checkpoint at that step
-        if collect is not None and eval_shard is not None:
-            if world > 1:
-                import torch.distributed as dist
-
-                every_rank: list[Any] = [None] * world
-                dist.all_gather_object(every_rank, pairs)
-                pairs = [pair for part in every_rank for pair in part]
-            record.update(_task_metrics(mode, pairs, loop.label_names))
+        if predict is not None and eval_shard is not None:
+            record.update(_gathered_metrics(trainable, pairs, rank=rank, world=world))
         history.append(record)
-        record["score"] = _score(record)
+        record["score"] = _score(record, score_by)
         best = max(range(len(history)), key=lambda i: (history[i]["score"], -i))
         stop_early = (
             t.early_stopping_patience is not None
@@ -1809,13 +1848,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         metrics = {k: v for k, v in record.items() if v is not None} | {
             "keep": record["score"] - 1e-9 * epoch
         }
-        if board is not None and rank == 0 and record["eval_accuracy"] is not None:
+        if board is not None and rank == 0 and record["eval_loss"] is not None:
             board.post.remote(
-                {
-                    "step": step,
-                    "epoch": f"{epoch + 1}/{t.epochs}",
-                    "eval_acc": round(record["eval_accuracy"], 4),
-                }
+                {"step": step, "epoch": f"{epoch + 1}/{t.epochs}", **_shown_eval(record, score_by)}
             )
         last = epoch + 1 == t.epochs or stop_early
         report(metrics, position=None, keep_optimizer=not last)

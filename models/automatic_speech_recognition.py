@@ -527,7 +527,31 @@ class CTCTrainable:
         for i, x in enumerate(ids):
             target[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
         batch["labels"] = target
+        batch["_transcripts"] = texts  # not a model input: the references of eval_predictions
         return batch
+
+    # Task metrics per epoch (jobs.finetune): word error rate, lower is better, picks the best epoch.
+    eval_score = ("eval_wer", "min")
+
+    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
+        """({"text": greedy CTC transcript}, normalised target transcript) per eval row: the argmax per frame
+        over the clip's frames, decoded by the tokenizer (repeats merged, blanks dropped, "|" → space)."""
+        ids = output.logits.argmax(-1).cpu()  # (B, frames)
+        mask = batch.get("attention_mask")
+        frames = self._frames(mask.sum(-1).cpu()).tolist() if mask is not None else [ids.shape[1]] * len(ids)
+        texts = self.tokenizer.batch_decode(
+            [row[: int(n)].tolist() for row, n in zip(ids, frames, strict=True)]
+        )
+        lowercase = self.options.lowercase  # normalised as the targets are
+        return [
+            ({"text": normalize_transcript(t, lowercase=lowercase)}, ref)
+            for t, ref in zip(texts, batch["_transcripts"], strict=True)
+        ]
+
+    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
+        from models.metrics import asr_metrics, epoch_metrics
+
+        return epoch_metrics(asr_metrics, pairs, {"wer": "eval_wer", "cer": "eval_cer"})
 
     def eval_counts(self, output: Any, batch: Mapping[str, Any]) -> tuple[float, float]:
         """(characters right, characters) of greedy CTC decoding: eval_accuracy = 1 - character error

@@ -383,7 +383,31 @@ class DepthTrainable:
                 for d in depths
             ]
         )  # (B, H, W)
-        return {"pixel_values": pixels, "labels": targets}
+        # `_depths` is not a model input: the depth maps at their images' size, for eval_predictions.
+        return {"pixel_values": pixels, "labels": targets, "_depths": depths}
+
+    # Task metrics per epoch (jobs.finetune): δ1 (share of pixels within 1.25× of the truth) picks the best
+    # epoch; abs_rel and rmse are reported beside it.
+    eval_score = ("eval_delta1", "max")
+
+    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
+        """({"depth": (H, W) predicted depth}, (H, W) label depth) per eval image: the image processor's
+        `post_process_depth_estimation` resizes the prediction to the label's size (pixels with no positive
+        label depth are not scored)."""
+        depths = batch["_depths"]
+        found = self.processor.post_process_depth_estimation(
+            type(output)(predicted_depth=output.predicted_depth.float()),
+            target_sizes=[d.shape for d in depths],
+        )
+        return [
+            ({"depth": r["predicted_depth"].cpu().numpy()}, d) for r, d in zip(found, depths, strict=True)
+        ]
+
+    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
+        from models.metrics import depth_metrics, epoch_metrics
+
+        keys = {"delta1": "eval_delta1", "abs_rel": "eval_abs_rel", "rmse": "eval_rmse"}
+        return epoch_metrics(depth_metrics, pairs, keys)
 
     def eval_counts(self, output: Any, batch: Mapping[str, Any]) -> tuple[float, float]:
         """(pixels with max(pred/true, true/pred) < 1.25, pixels with true depth > 0): delta1 accuracy."""

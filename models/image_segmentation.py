@@ -506,6 +506,8 @@ class SegmentationTrainable:
                 raise ValueError(f"training row {i} of this batch: {e}") from e
             maps.append(cmap)
         kept = [images[i] for i in keep]
+        # Not model inputs: the class maps at their images' size, the references of eval_predictions.
+        extras = {"_maps": maps}
         if self.universal:
             enc = self.processor(
                 images=kept,
@@ -518,9 +520,39 @@ class SegmentationTrainable:
                 "pixel_mask": enc["pixel_mask"],
                 "mask_labels": list(enc["mask_labels"]),
                 "class_labels": list(enc["class_labels"]),
+                **extras,
             }
         enc = self.processor(images=kept, segmentation_maps=maps, return_tensors="pt")
-        return {"pixel_values": enc["pixel_values"], "labels": enc["labels"].long()}
+        return {"pixel_values": enc["pixel_values"], "labels": enc["labels"].long(), **extras}
+
+    # Task metrics per epoch (jobs.finetune): mean IoU over the classes picks the best epoch.
+    eval_score = ("eval_mean_iou", "max")
+
+    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
+        """({"segments": [{label, mask (RLE)}]}, class-index map) per eval image: the image processor's
+        `post_process_semantic_segmentation` at the map's size (SegFormer: upsampled logits' argmax;
+        Mask2Former: its class-weighted masks), against the map with ignore_index as 255 (not scored)."""
+        from models.masks import encode_mask
+        from models.metrics import IGNORE_INDEX
+
+        maps = batch["_maps"]
+        found = self.processor.post_process_semantic_segmentation(
+            output, target_sizes=[m.shape for m in maps]
+        )
+        pairs = []
+        for predicted, gold in zip(found, maps, strict=True):
+            predicted = predicted.cpu().numpy()  # (H, W) class ids
+            segments = [{"label": int(c), "mask": encode_mask(predicted == c)} for c in np.unique(predicted)]
+            if self.options.ignore_index != IGNORE_INDEX:
+                gold = np.where(gold == self.options.ignore_index, IGNORE_INDEX, gold)
+            pairs.append(({"segments": segments}, gold))
+        return pairs
+
+    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
+        from models.metrics import epoch_metrics, segmentation_metrics
+
+        keys = {"mean_iou": "eval_mean_iou", "pixel_accuracy": "eval_pixel_accuracy"}
+        return epoch_metrics(segmentation_metrics, pairs, keys)
 
     def eval_counts(self, output: Any, batch: Mapping[str, Any]) -> tuple[float, float]:
         """(correct pixels, labelled pixels) at the processed size: the predicted class map (argmax of the

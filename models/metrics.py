@@ -38,10 +38,12 @@ __all__ = [
     "classification_metrics",
     "depth_metrics",
     "detection_metrics",
+    "epoch_metrics",
     "qa_metrics",
     "rouge_metrics",
     "score",
     "segmentation_metrics",
+    "tag_sequence_metrics",
     "token_classification_metrics",
     "translation_metrics",
 ]
@@ -198,8 +200,6 @@ def token_classification_metrics(
       ids into `label_names`), which needs `texts`: each word takes the type of the predicted entity that
       overlaps it, so an entity matches when its type and its words match.
     """
-    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
-
     preds, refs, counts = _pairs(predictions, references)
     kept_texts: list[str | None] = []
     if texts is not None:
@@ -235,9 +235,17 @@ def token_classification_metrics(
             chars = [(c, c + 1) for c in range(n)]
             y_true.append(_bio(gold, chars))
             y_pred.append(_bio(spans, chars))
+    return {**counts, **tag_sequence_metrics(y_pred, y_true)}
+
+
+def tag_sequence_metrics(predicted: Sequence[Sequence[str]], true: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """seqeval entity `precision`, `recall`, `f1` (micro, conlleval rules) and `per_class`, of IOB tag
+    sequences (one list of tag names per row; the fine-tune scores its words' tags with this)."""
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+    y_pred, y_true = [list(p) for p in predicted], [list(t) for t in true]
     report = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
     return {
-        **counts,
         "precision": float(precision_score(y_true, y_pred, zero_division=0)),
         "recall": float(recall_score(y_true, y_pred, zero_division=0)),
         "f1": float(f1_score(y_true, y_pred, zero_division=0)),
@@ -622,6 +630,17 @@ def depth_metrics(
 
 
 MetricFn = Callable[..., dict[str, Any]]
+
+
+def epoch_metrics(
+    fn: MetricFn, pairs: Sequence[tuple[Any, Any]], keys: Mapping[str, str], **kwargs: Any
+) -> dict[str, float]:
+    """A fine-tune epoch's task metrics (`Trainable.eval_metrics`): `fn` (a function above) over the eval
+    rows' (prediction, reference) pairs, the results named in `keys` renamed to the epoch record's keys,
+    e.g. `{"f1": "eval_f1"}`."""
+    result = fn([p for p, _ in pairs], [r for _, r in pairs], **kwargs)
+    return {record_key: float(result[key]) for key, record_key in keys.items()}
+
 
 METRICS: dict[str, MetricFn] = {
     "text-classification": classification_metrics,

@@ -304,7 +304,43 @@ class ObjectDetectionTrainable:
         batch = {"pixel_values": enc["pixel_values"], "labels": list(enc["labels"])}
         if "pixel_mask" in enc:
             batch["pixel_mask"] = enc["pixel_mask"]
+        # Not model inputs: each image's (height, width) and gold COCO objects, for eval_predictions.
+        batch["_sizes"] = [(images[i].height, images[i].width) for i in keep]
+        batch["_objects"] = [a["annotations"] for a in annotations]
         return batch
+
+    # Task metrics per epoch (jobs.finetune): COCO mAP@[.5:.95] picks the best epoch.
+    eval_score = ("eval_map", "max")
+
+    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
+        """({"objects": [{label, score, box}]}, gold COCO objects) per eval image: the image processor's
+        `post_process_object_detection` at the image's own size, every query kept (threshold 0: mAP ranks
+        the detections by score itself)."""
+        found = self.processor.post_process_object_detection(
+            output, threshold=0.0, target_sizes=batch["_sizes"]
+        )
+        pairs = []
+        for result, gold in zip(found, batch["_objects"], strict=True):
+            objects = [
+                {
+                    "label": int(label),
+                    "score": float(score),
+                    "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), (float(v) for v in box), strict=True)),
+                }
+                for score, label, box in zip(
+                    result["scores"].tolist(),
+                    result["labels"].tolist(),
+                    result["boxes"].tolist(),
+                    strict=True,
+                )
+            ]
+            pairs.append(({"objects": objects}, gold))
+        return pairs
+
+    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
+        from models.metrics import detection_metrics, epoch_metrics
+
+        return epoch_metrics(detection_metrics, pairs, {"map": "eval_map", "map_50": "eval_map_50"})
 
     def eval_counts(self, output: Any, batch: Mapping[str, Any]) -> tuple[float, float]:
         """(ground-truth objects found, ground-truth objects): found = the query with the highest IoU with

@@ -414,6 +414,7 @@ class QuestionAnsweringTrainable:
         self.max_question_len = options.max_question_len
         self.context_index = 1 if self.tokenizer.padding_side == "right" else 0
         self.specials = self.tokenizer.num_special_tokens_to_add(pair=True)
+        self._answer = _Postprocessor(base_dir, QuestionAnsweringParams(align_to_words=False))
 
     def build_model(self, weights_dir: str) -> Any:
         from transformers import AutoModelForQuestionAnswering
@@ -459,7 +460,56 @@ class QuestionAnsweringTrainable:
         }
         batch["start_positions"] = torch.as_tensor(starts, dtype=torch.long)  # (windows,)
         batch["end_positions"] = torch.as_tensor(ends, dtype=torch.long)
+        # Not model inputs: what eval_predictions needs to turn a window's logits into answer text.
+        is_context = np.zeros(batch["input_ids"].shape, dtype=np.int8)  # (windows, T)
+        spans = np.zeros((*batch["input_ids"].shape, 2), dtype=np.int64)  # (windows, T, 2) characters
+        for w in range(len(sample)):
+            is_context[w] = [s == self.context_index for s in enc.sequence_ids(w)]
+            spans[w] = enc["offset_mapping"][w]
+        batch.update(
+            _row=list(sample), _is_context=is_context, _spans=spans, _context=contexts, _answers=labels
+        )
         return batch
+
+    # Task metrics per epoch (jobs.finetune): SQuAD token F1 of the answer text picks the best epoch.
+    eval_score = ("eval_f1", "max")
+
+    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
+        """({"answer": text}, gold answers) per eval row: the inference postprocess (the 4.x span search,
+        top_k 1, max_answer_len 15, no null answer) over the row's windows, on token offsets."""
+        start = output.start_logits.float().cpu().numpy()  # (windows, T)
+        end = output.end_logits.float().cpu().numpy()
+        attention = batch["attention_mask"].cpu().numpy()
+        p_mask = 1 - batch["_is_context"]
+        cls_id = self.tokenizer.cls_token_id
+        if cls_id is not None:  # CLS stays answerable, as at inference (the null answer)
+            p_mask[batch["input_ids"].cpu().numpy() == cls_id] = 0
+        rows = np.asarray(batch["_row"])
+        pairs = []
+        for row, (context, answers) in enumerate(zip(batch["_context"], batch["_answers"], strict=True)):
+            w = np.flatnonzero(rows == row)
+            features = {
+                "attention_mask": attention[w],
+                "p_mask": p_mask[w],
+                "is_context": batch["_is_context"][w],
+                "spans": batch["_spans"][w],
+            }
+            try:
+                found = self._answer(
+                    {"start_logits": start[w], "end_logits": end[w]},
+                    inputs={"context": context},
+                    features=features,
+                )
+                answer = found["answer"]
+            except ValueError:  # no span in any window: an empty answer
+                answer = ""
+            pairs.append(({"answer": answer}, answers))
+        return pairs
+
+    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
+        from models.metrics import epoch_metrics, qa_metrics
+
+        return epoch_metrics(qa_metrics, pairs, {"exact_match": "eval_exact_match", "f1": "eval_f1"})
 
     def eval_counts(self, output: Any, batch: Mapping[str, Any]) -> tuple[float, float]:
         """(windows whose predicted start and end are both the target's, windows)."""

@@ -314,6 +314,7 @@ class Seq2SeqTrainable:
         self, base_dir: str, task: str, params: Seq2SeqParams, *, max_length: int, options: Mapping[str, Any]
     ) -> None:
         self.tokenizer = _load_tokenizer(base_dir)
+        self.task = task
         self.settings = _resolve(base_dir, task, params, self.tokenizer)
         self.max_length = min(max_length, self.settings.max_input)
         opts = parse_training_options(options, key="train.options")
@@ -352,8 +353,40 @@ class Seq2SeqTrainable:
         pad = self.tokenizer.pad_token_id
         enc["labels"] = torch.where(target == pad, torch.full_like(target, -100), target)
         enc.pop("token_type_ids", None)
-        return dict(enc)
+        return {**enc, "_targets": list(labels)}  # `_targets`: not a model input, see eval_predictions
 
-    def save(self, model: Any, out_dir: str) -> None:
-        model.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
+    # Task metrics per epoch (jobs.finetune): the record key that picks the best epoch, per task.
+    _BEST = {"summarization": "eval_rougeL", "translation": "eval_bleu"}
+
+    @property
+    def eval_score(self) -> tuple[str, str]:
+        return (self._BEST[self.task], "max")
+
+    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
+        """({field: generated text}, target text) per eval row. The text is generated here, on the eval batch:
+        greedy (one beam, no sampling; the job's own generation settings are for inference) and at most
+        `max_target_length` new tokens (train.options.max_target_length, else train.max_length), so an
+        epoch's eval costs about that many decoder steps per batch on top of the loss forward."""
+        kwargs = {k: v for k, v in self.settings.generate_kwargs.items() if k == "forced_bos_token_id"}
+        tokens = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.max_target_length,
+            num_beams=1,
+            do_sample=False,
+            **kwargs,
+        )  # (B, S)
+        texts = self.tokenizer.batch_decode(
+            tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        field = f"{'summary' if self.task == 'summarization' else 'translation'}_text"
+        return [({field: t}, ref) for t, ref in zip(texts, batch["_targets"], strict=True)]
+
+    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
+        """ROUGE-1/2/L (rouge-score) for summarization; BLEU (sacrebleu, 0-100) and chrF for translation."""
+        from models.metrics import epoch_metrics, rouge_metrics, translation_metrics
+
+        if self.task == "summarization":
+            keys = {"rouge1": "eval_rouge1", "rouge2": "eval_rouge2", "rougeL": "eval_rougeL"}
+            return epoch_metrics(rouge_metrics, pairs, keys)
+        return epoch_metrics(translation_metrics, pairs, {"bleu": "eval_bleu", "chrf": "eval_chrf"})

@@ -273,6 +273,20 @@ class TextClassificationTrainable:
         batch["labels"] = torch.as_tensor(labels, dtype=torch.long)  # (B,)
         return batch
 
+    # Task metrics per epoch (jobs.finetune): macro-F1 over the eval rows picks the best epoch.
+    eval_score = ("eval_macro_f1", "max")
+
+    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
+        """({"label": predicted class}, true class) per eval row: the argmax of the logits."""
+        names = self.label_names
+        predicted, true = output.logits.argmax(-1).tolist(), batch["labels"].tolist()  # (B,), (B,)
+        return [({"label": names[p]}, names[t]) for p, t in zip(predicted, true, strict=True)]
+
+    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
+        from models.metrics import classification_metrics, epoch_metrics
+
+        return epoch_metrics(classification_metrics, pairs, {"macro_f1": "eval_macro_f1"})
+
     def save(self, model: Any, out_dir: str) -> None:
         """A folder that `kind: inference` (and `from_pretrained`) loads: safetensors, config, tokenizer."""
         model.save_pretrained(out_dir)

@@ -745,6 +745,26 @@ class CausalLMTrainable:
         keep = target != -100
         return float(((predicted == target) & keep).sum().item()), float(keep.sum().item())
 
+    # Task metrics per epoch (jobs.finetune): token perplexity, lower is better, picks the best epoch.
+    eval_score = ("eval_perplexity", "min")
+
+    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
+        """(summed negative log-likelihood, tokens) of each eval row's next-token targets: the sufficient
+        statistics of perplexity (no text is generated)."""
+        import torch.nn.functional as F
+
+        logits = output.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t + 1
+        target = batch["labels"][:, 1:]  # (B, T-1)
+        nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")  # (B, T-1)
+        return list(zip(nll.sum(-1).tolist(), (target != -100).sum(-1).tolist(), strict=True))
+
+    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
+        """`eval_perplexity`: exp of the mean negative log-likelihood per target token over the eval set."""
+        import math
+
+        tokens = sum(n for _, n in pairs)
+        return {"eval_perplexity": math.exp(sum(nll for nll, _ in pairs) / tokens)} if tokens else {}
+
     def save(self, model: Any, out_dir: str) -> None:
         model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)

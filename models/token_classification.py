@@ -431,6 +431,7 @@ class TokenClassificationTrainable:
             return_tensors="pt",
         )
         target = np.full(enc["input_ids"].shape, -100, dtype=np.int64)  # (B, T)
+        first = np.zeros(enc["input_ids"].shape, dtype=bool)  # (B, T): a word's first sub-token
         for row, tags in enumerate(labels):
             previous = None
             for t, word in enumerate(enc.word_ids(row)):
@@ -438,12 +439,33 @@ class TokenClassificationTrainable:
                     continue
                 if word != previous:
                     target[row, t] = int(tags[word])
+                    first[row, t] = True
                 elif self.options.label_all_tokens:
                     target[row, t] = self._inside[int(tags[word])]
                 previous = word
         batch = dict(enc)
         batch["labels"] = torch.from_numpy(target)
+        batch["_first"] = first  # not a model input: eval_predictions scores words, not sub-tokens
         return batch
+
+    # Task metrics per epoch (jobs.finetune): seqeval entity F1 over the words' tags picks the best epoch.
+    eval_score = ("eval_entity_f1", "max")
+
+    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
+        """(predicted tags, true tags) per eval row, one tag name per word (of the words within max_length):
+        the argmax at each word's first sub-token, as the pipeline's `first` aggregation reads it."""
+        names = self.label_names
+        predicted, labels = output.logits.argmax(-1).cpu().numpy(), batch["labels"].cpu().numpy()  # (B, T)
+        return [
+            ([names[t] for t in pred[first]], [names[t] for t in ref[first]])
+            for pred, ref, first in zip(predicted, labels, batch["_first"], strict=True)
+        ]
+
+    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
+        from models.metrics import tag_sequence_metrics
+
+        m = tag_sequence_metrics([p for p, _ in pairs], [r for _, r in pairs])
+        return {f"eval_entity_{k}": m[k] for k in ("precision", "recall", "f1")}
 
     def save(self, model: Any, out_dir: str) -> None:
         model.save_pretrained(out_dir)
