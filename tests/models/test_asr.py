@@ -261,6 +261,9 @@ def test_finetune_job_then_inference_on_its_folder(
     assert last["train_loss"] < first["train_loss"]
     assert last["eval_loss"] < first["eval_loss"]
     assert 0.0 <= last["eval_accuracy"] <= 1.0  # 1 - character error rate
+    # jiwer WER/CER of greedy CTC decoding, every epoch; lower WER is better, so the score is -WER
+    assert all(r["eval_wer"] >= 0.0 and r["eval_cer"] >= 0.0 for r in result.metrics), result.metrics
+    assert all(r["score"] == -r["eval_wer"] for r in result.metrics)
     out = Path(result.output_uri)
     vocab = json.loads((out / "vocab.json").read_text())
     assert sorted(vocab, key=vocab.get) == ["<pad>", "<s>", "</s>", "<unk>", "|", "a", "b", "c"]

@@ -180,6 +180,7 @@ def test_finetune_then_inference_matches_the_pipeline(ray_session, models, tmp_p
     assert result.label_names == tuple(sorted(COLOR_NAMES))
     assert result.metrics[-1]["eval_loss"] < np.log(3)  # better than chance over 3 classes
     assert result.metrics[-1]["eval_accuracy"] >= 0.8, result.metrics
+    assert result.metrics[-1]["eval_macro_f1"] >= 0.7, result.metrics  # the epoch's task metric
 
     test_images, test_labels = color_images(60, seed=1)
     test_images[5] = b"\xff\xd8\xff broken"  # one bad row: an error record, the job goes on

@@ -284,6 +284,10 @@ def test_finetune_job_then_inference_job(ray_session, models: dict[str, Path], t
     losses = [m["train_loss"] for m in result.metrics]
     assert losses[-1] < losses[0], result.metrics
     assert 0 < result.metrics[-1]["eval_accuracy"] <= 1
+    # mean IoU (torchmetrics) and pixel accuracy at the masks' own sizes, every epoch; mIoU picks the epoch
+    for r in result.metrics:
+        assert 0.0 <= r["eval_mean_iou"] <= 1.0 and 0.0 < r["eval_pixel_accuracy"] <= 1.0, r
+        assert r["score"] == r["eval_mean_iou"]
     model_dir = tmp_path / "model"
 
     test_images = [png_bytes(shapes_scene(h, w, seed=500 + i)[0]) for i, (h, w) in enumerate(SIZES)]

@@ -460,6 +460,10 @@ def test_finetune_job_then_inference(ray_session, gpt2_train_dir: Path, tmp_path
     assert losses[-1] < 0.5 * losses[0], losses
     saved = json.loads((out / "train_metrics.json").read_text())
     assert saved["task"] == "text-generation"
+    # perplexity of the eval rows' next tokens: above 1, and it falls as the loss does
+    ppl = [r["eval_perplexity"] for r in saved["epochs"]]
+    assert all(p > 1.0 for p in ppl) and ppl[-1] < ppl[0], saved["epochs"]
+    assert all(r["score"] == -r["eval_perplexity"] for r in saved["epochs"])
 
     prompt = "the movie was great"
     pq.write_table(pa.table({"id": [0], "text": [prompt]}), tmp_path / "in.parquet")
