@@ -151,7 +151,7 @@ from pipeline.spec import FinetuneSpec, InputSpec, JobSpec, spec_to_dict
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FineTunable", "FinetuneResult", "Trainable", "resolve_labels", "run_finetune"]
+__all__ = ["FineTunable", "FinetuneResult", "Trainable", "model_inputs", "resolve_labels", "run_finetune"]
 
 METRICS_FILE = "train_metrics.json"
 CHECKPOINTS = "_checkpoints"
@@ -1537,11 +1537,15 @@ def _accuracy_counts(output: Any, batch: Mapping[str, Any]) -> tuple[float, floa
     return float(correct.sum().item()), float(keep.sum().item())
 
 
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of `Trainable.encode`'s output that go to `model(**...)`: keys starting with "_" are
+    extras for `eval_predictions` (answer offsets, image sizes, target texts), not model inputs."""
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
 def _split_extras(batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`encode`'s output → (model inputs, extras): keys starting with "_" are not model inputs but what a
-    task's `eval_predictions` needs beside the outputs (answer offsets, image sizes, target texts)."""
-    inputs = {k: v for k, v in batch.items() if not k.startswith("_")}
-    return inputs, {k: v for k, v in batch.items() if k.startswith("_")}
+    """`encode`'s output → (model inputs, extras); see `model_inputs`."""
+    return model_inputs(batch), {k: v for k, v in batch.items() if k.startswith("_")}
 
 
 def _score(record: Mapping[str, Any], best: tuple[str, str] | None) -> float:

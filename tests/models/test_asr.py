@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from jobs.finetune import model_inputs
 from pipeline.errors import ModelError, SpecError
 from tests.models.audio_helpers import (
     RATE,
@@ -207,7 +208,7 @@ def test_ctc_vocabulary_and_loss_falls_in_process(ctc_models: dict[str, Path]) -
     model.train()
     losses = []
     for _ in range(12):
-        loss = model(**batch).loss
+        loss = model(**model_inputs(batch)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -215,7 +216,7 @@ def test_ctc_vocabulary_and_loss_falls_in_process(ctc_models: dict[str, Path]) -
     assert losses[-1] < 0.7 * losses[0], losses
     model.eval()
     with torch.no_grad():
-        hits, total = trainable.eval_counts(model(**batch), batch)
+        hits, total = trainable.eval_counts(model(**model_inputs(batch)), batch)
     assert total == sum(len(t) for t in texts) and 0 <= hits <= total
 
 

@@ -172,6 +172,9 @@ def test_finetune_loss_falls_and_folder_runs(classifiers: dict[str, Path], tmp_p
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
     model.eval()
+    with torch.no_grad():  # the epoch's task metric on the rows it learned
+        metrics = trainable.eval_metrics(trainable.eval_predictions(model(**batch), batch, model=model))
+    assert 0.8 <= metrics["eval_macro_f1"] <= 1.0, metrics
     trainable.save(model, str(tmp_path / "out"))
     test_clips, test_labels = _two_classes(8, seed=1)
     got = run_in_process(TASK, tmp_path / "out", test_clips, {}, batch_size=4)

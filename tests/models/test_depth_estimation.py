@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.finetune import model_inputs
 from models.depth_estimation import DEPTH_TYPE, decode_depth, depth_map, encode_depth
 from models.registry import get_task
 from pipeline.errors import ModelError, SpecError
@@ -183,7 +184,7 @@ def test_glpn_loss_falls_on_gradients_and_dpt_is_refused(models: dict[str, Path]
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
-        loss = net(**batch).loss
+        loss = net(**model_inputs(batch)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -192,8 +193,13 @@ def test_glpn_loss_falls_on_gradients_and_dpt_is_refused(models: dict[str, Path]
     assert np.mean(losses[-2:]) < 0.85 * np.mean(losses[:2]), losses
     net.eval()
     with torch.no_grad():
-        hits, total = trainable.eval_counts(net(**batch), batch)
+        out = net(**model_inputs(batch))
+        hits, total = trainable.eval_counts(out, batch)
+        # The epoch's task metrics, at the depth maps' own size (64x64 here, the processed size too)
+        metrics = trainable.eval_metrics(trainable.eval_predictions(out, batch, model=net))
     assert total == batch["labels"].numel() and 0 <= hits <= total
+    assert 0.0 <= metrics["eval_delta1"] <= 1.0 and metrics["eval_abs_rel"] >= 0.0, metrics
+    assert metrics["eval_rmse"] > 0.0, metrics
 
     dpt = TASK.training(str(models["dpt"]), label_names=(), max_length=0, options={})
     with pytest.raises(ModelError, match="no training loss"):

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.finetune import model_inputs
 from models.image_segmentation import class_map
 from models.masks import decode_mask, encode_mask
 from models.registry import RowError, get_task
@@ -215,7 +216,7 @@ def test_loss_falls_on_shapes(models: dict[str, Path], model: str) -> None:
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
     losses = []
     for _ in range(8 if model == "segformer" else 4):  # a Mask2Former step costs ~4 SegFormer steps
-        loss = net(**batch).loss
+        loss = net(**model_inputs(batch)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -225,7 +226,7 @@ def test_loss_falls_on_shapes(models: dict[str, Path], model: str) -> None:
     assert np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2]), losses
     net.eval()
     with torch.no_grad():
-        hits, total = trainable.eval_counts(net(**batch), batch)
+        hits, total = trainable.eval_counts(net(**model_inputs(batch)), batch)
     pixels = batch["pixel_values"].shape[-2] * batch["pixel_values"].shape[-1] * len(masks)
     assert total == pixels and 0 < hits <= total
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.finetune import model_inputs
 from models.object_detection import coco_annotations
 from models.registry import get_task
 from pipeline.errors import SpecError
@@ -37,16 +38,24 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     losses = []
     model.train()
     for _ in range(25):
-        loss = model(**batch).loss
+        loss = model(**model_inputs(batch)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     model.eval()
     with torch.no_grad():
-        hits, total = trainable.eval_counts(model(**batch), batch)
+        out = model(**model_inputs(batch))
+        hits, total = trainable.eval_counts(out, batch)
+        metrics = trainable.eval_metrics(trainable.eval_predictions(out, batch, model=model))
     trainable.save(model, str(root / "model"))
-    return {"model": root / "model", "losses": losses, "batch": batch, "found": (hits, total)}
+    return {
+        "model": root / "model",
+        "losses": losses,
+        "batch": batch,
+        "found": (hits, total),
+        "metrics": metrics,
+    }
 
 
 def test_detr_loss_falls_on_shapes(finetuned) -> None:
@@ -56,6 +65,8 @@ def test_detr_loss_falls_on_shapes(finetuned) -> None:
     hits, total = finetuned["found"]
     assert total == sum(len(t["boxes"]) for t in finetuned["batch"]["labels"]) > 0
     assert 0 <= hits <= total
+    # The epoch's task metrics (COCO mAP of the processor's post-processed boxes at the images' sizes)
+    assert 0.0 <= finetuned["metrics"]["eval_map"] <= finetuned["metrics"]["eval_map_50"] <= 1.0
 
 
 def test_coco_objects_become_processor_annotations() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from jobs.finetune import model_inputs
 from models.registry import get_task
 from pipeline.errors import SpecError
 from tests.helpers import WORDS, make_texts
@@ -356,7 +357,7 @@ def test_training_loss_falls_in_process(qa_model) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(20):
-        out = model(**batch)
+        out = model(**model_inputs(batch))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -364,3 +365,12 @@ def test_training_loss_falls_in_process(qa_model) -> None:
     assert losses[-1] < 0.5 * losses[0], losses
     hits, total = trainable.eval_counts(out, batch)
     assert total == batch["input_ids"].shape[0] and hits / total > 0.5
+    # The epoch's task metrics: answer text from the windows' spans (the inference search) vs the gold texts
+    pairs = trainable.eval_predictions(out, batch, model=model)
+    assert len(pairs) == len(questions) and all(
+        p["answer"] in c for (p, _), c in zip(pairs, contexts, strict=True)
+    )
+    metrics = trainable.eval_metrics(pairs)
+    assert 0.0 <= metrics["eval_exact_match"] <= metrics["eval_f1"] <= 1.0 and metrics["eval_f1"] > 0.3, (
+        metrics
+    )

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.finetune import model_inputs
 from models.registry import ROW_ID, RowError, get_task
 from pipeline.batching import run_micro_batches
 from pipeline.errors import SpecError
@@ -241,12 +242,20 @@ def test_seq2seq_loss_falls(trainable_dirs: dict[str, Path]) -> None:
     model.train()
     losses = []
     for _ in range(15):
-        loss = model(**trainable.encode({"text": texts}, targets)).loss
+        loss = model(**model_inputs(trainable.encode({"text": texts}, targets))).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses
+    model.eval()
+    with torch.no_grad():  # the epoch's task metrics: greedy generation on the eval batch, then ROUGE
+        pairs = trainable.eval_predictions(None, batch, model=model)
+    assert [ref for _, ref in pairs] == targets
+    metrics = trainable.eval_metrics(pairs)
+    assert 0.0 <= metrics["eval_rouge2"] <= metrics["eval_rouge1"] <= 1.0 and metrics["eval_rougeL"] > 0.5, (
+        metrics
+    )
     with pytest.raises(ValueError, match="target text"):
         trainable.encode({"text": texts[:1]}, [None])
 
@@ -269,7 +278,7 @@ def test_finetuned_folder_runs_in_inference(trainable_dirs: dict[str, Path], tmp
     model.train()
     for step in range(24):
         batch = sources[(step % 8) * 8 : (step % 8 + 1) * 8]
-        model(**trainable.encode({"text": batch}, [target] * len(batch))).loss.backward()
+        model(**model_inputs(trainable.encode({"text": batch}, [target] * len(batch)))).loss.backward()
         opt.step()
         opt.zero_grad()
     trainable.save(model.eval(), str(tmp_path / "model"))

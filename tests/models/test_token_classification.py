@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.finetune import model_inputs
 from models.registry import get_task
 from pipeline.errors import SpecError
 from tests.helpers import WORDS, make_texts
@@ -273,7 +274,7 @@ def test_training_loss_falls_in_process(ner_model) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     losses = []
     for _ in range(20):
-        loss = model(**batch).loss
+        loss = model(**model_inputs(batch)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
