@@ -396,7 +396,7 @@ class DepthTrainable:
         label depth are not scored)."""
         depths = batch["_depths"]
         found = self.processor.post_process_depth_estimation(
-            type(output)(predicted_depth=output.predicted_depth.float()),
+            type(output)(predicted_depth=output.predicted_depth.detach().float()),
             target_sizes=[d.shape for d in depths],
         )
         return [

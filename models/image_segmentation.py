@@ -541,7 +541,7 @@ class SegmentationTrainable:
         )
         pairs = []
         for predicted, gold in zip(found, maps, strict=True):
-            predicted = predicted.cpu().numpy()  # (H, W) class ids
+            predicted = predicted.detach().cpu().numpy()  # (H, W) class ids
             segments = [{"label": int(c), "mask": encode_mask(predicted == c)} for c in np.unique(predicted)]
             if self.options.ignore_index != IGNORE_INDEX:
                 gold = np.where(gold == self.options.ignore_index, IGNORE_INDEX, gold)

@@ -477,8 +477,8 @@ class QuestionAnsweringTrainable:
     def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
         """({"answer": text}, gold answers) per eval row: the inference postprocess (the 4.x span search,
         top_k 1, max_answer_len 15, no null answer) over the row's windows, on token offsets."""
-        start = output.start_logits.float().cpu().numpy()  # (windows, T)
-        end = output.end_logits.float().cpu().numpy()
+        start = output.start_logits.detach().float().cpu().numpy()  # (windows, T)
+        end = output.end_logits.detach().float().cpu().numpy()
         attention = batch["attention_mask"].cpu().numpy()
         p_mask = 1 - batch["_is_context"]
         cls_id = self.tokenizer.cls_token_id

@@ -390,3 +390,7 @@ class Seq2SeqTrainable:
             keys = {"rouge1": "eval_rouge1", "rouge2": "eval_rouge2", "rougeL": "eval_rougeL"}
             return epoch_metrics(rouge_metrics, pairs, keys)
         return epoch_metrics(translation_metrics, pairs, {"bleu": "eval_bleu", "chrf": "eval_chrf"})
+
+    def save(self, model: Any, out_dir: str) -> None:
+        model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
