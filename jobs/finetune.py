@@ -1283,7 +1283,8 @@ def _finetune_locked(
     datasets = {"train": _dataset(ray, data, "train")}
     if data.eval is not None:
         datasets["eval"] = _dataset(ray, data, "eval")
-    board = ray.remote(num_cpus=0)(_Board).remote() if progress else None
+    # Always made (a no-CPU actor): it also counts the steps a worker failure makes the run redo.
+    board = ray.remote(num_cpus=0)(_Board).remote()
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"loop": loop, "board": board},
@@ -1307,7 +1308,7 @@ def _finetune_locked(
         dataset_config=_data_config(ray, t),
     )
     stop = threading.Event()
-    watcher = _watch(board, stop, loop) if board is not None else None
+    watcher = _watch(board, stop, loop) if progress else None
     try:
         result = trainer.fit()
     except ShardwiseError as e:
@@ -1447,16 +1448,24 @@ def _worker_cause(exc: BaseException) -> BaseException:
 
 
 class _Board:
-    """Holds rank 0's latest progress; a Ray actor with no CPU (`ray.remote(num_cpus=0)(_Board)`)."""
+    """Holds rank 0's latest progress; a Ray actor with no CPU (`ray.remote(num_cpus=0)(_Board)`).
+
+    It lives on the driver's side of a worker failure, so after a restart it still knows the furthest
+    step any worker reached: a resumed run reports how many steps the failure cost (`steps_redone`)."""
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
+        self.furthest = 0
 
     def post(self, state: dict[str, Any]) -> None:
         self.state = state
+        self.furthest = max(self.furthest, int(state.get("step", 0)))
 
     def get(self) -> dict[str, Any]:
         return self.state
+
+    def furthest_step(self) -> int:
+        return self.furthest
 
 
 def _watch(board: Any, stop: threading.Event, loop: _LoopConfig) -> threading.Thread:
@@ -1703,6 +1712,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     start_epoch = position["epoch"] if position is not None else len(history)
     step = position["step"] if position is not None else (history[-1].get("steps", 0) if history else 0)
     resumed_step = step
+    # Steps trained before a failure and lost with it: the furthest step posted, less the checkpoint's.
+    redone = max(0, ray.get(board.furthest_step.remote()) - step) if resumed is not None else 0
     for epoch in range(start_epoch, t.epochs):
         epoch_start = time.time()
         model.train()
@@ -1734,7 +1745,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             if pending:
                 continue
             step = optimizer_step(step)
-            if board is not None and rank == 0:
+            if rank == 0:
                 shown = {"step": step, "epoch": f"{epoch + 1}/{t.epochs}", "loss": round(loss.item(), 4)}
                 if history and history[-1]["eval_accuracy"] is not None:
                     shown["eval_acc"] = round(history[-1]["eval_accuracy"], 4)  # of the previous epoch
@@ -1789,6 +1800,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         }
         if epoch == start_epoch and resumed is not None:
             record["resumed_at_step"] = resumed_step  # this epoch continued from a checkpoint at that step
+            record["steps_redone"] = (
+                redone  # steps a failure cost (0 after a driver restart: its board is new)
+            )
         if collect is not None and eval_shard is not None:
             if world > 1:
                 import torch.distributed as dist
@@ -1809,7 +1823,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         metrics = {k: v for k, v in record.items() if v is not None} | {
             "keep": record["score"] - 1e-9 * epoch
         }
-        if board is not None and rank == 0 and record["eval_accuracy"] is not None:
+        if rank == 0 and record["eval_accuracy"] is not None:
             board.post.remote(
                 {
                     "step": step,
