@@ -1310,7 +1310,8 @@ def _finetune_locked(
     datasets = {"train": _dataset(ray, data, "train")}
     if data.eval is not None:
         datasets["eval"] = _dataset(ray, data, "eval")
-    board = ray.remote(num_cpus=0)(_Board).remote() if progress else None
+    # Always made (a no-CPU actor): it also counts the steps a worker failure makes the run redo.
+    board = ray.remote(num_cpus=0)(_Board).remote()
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"loop": loop, "board": board},
@@ -1334,7 +1335,7 @@ def _finetune_locked(
         dataset_config=_data_config(ray, t),
     )
     stop = threading.Event()
-    watcher = _watch(board, stop, loop) if board is not None else None
+    watcher = _watch(board, stop, loop) if progress else None
     try:
         result = trainer.fit()
     except ShardwiseError as e:
@@ -1474,16 +1475,24 @@ def _worker_cause(exc: BaseException) -> BaseException:
 
 
 class _Board:
-    """Holds rank 0's latest progress; a Ray actor with no CPU (`ray.remote(num_cpus=0)(_Board)`)."""
+    """Holds rank 0's latest progress; a Ray actor with no CPU (`ray.remote(num_cpus=0)(_Board)`).
+
+    It lives on the driver's side of a worker failure, so after a restart it still knows the furthest
+    step any worker reached: a resumed run reports how many steps the failure cost (`steps_redone`)."""
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
+        self.furthest = 0
 
     def post(self, state: dict[str, Any]) -> None:
         self.state = state
+        self.furthest = max(self.furthest, int(state.get("step", 0)))
 
     def get(self) -> dict[str, Any]:
         return self.state
+
+    def furthest_step(self) -> int:
+        return self.furthest
 
 
 def _watch(board: Any, stop: threading.Event, loop: _LoopConfig) -> threading.Thread:
@@ -1752,6 +1761,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     start_epoch = position["epoch"] if position is not None else len(history)
     step = position["step"] if position is not None else (history[-1].get("steps", 0) if history else 0)
     resumed_step = step
+    # Steps trained before a failure and lost with it: the furthest step posted, less the checkpoint's.
+    redone = max(0, ray.get(board.furthest_step.remote()) - step) if resumed is not None else 0
     for epoch in range(start_epoch, t.epochs):
         epoch_start = time.time()
         model.train()
@@ -1783,7 +1794,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             if pending:
                 continue
             step = optimizer_step(step)
-            if board is not None and rank == 0:
+            if rank == 0:
                 shown = {"step": step, "epoch": f"{epoch + 1}/{t.epochs}", "loss": round(loss.item(), 4)}
                 if history:  # the previous epoch's eval figures
                     shown.update(_shown_eval(history[-1], score_by))
@@ -1838,6 +1849,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         }
         if epoch == start_epoch and resumed is not None:
             record["resumed_at_step"] = resumed_step  # this epoch continued from a checkpoint at that step
+            record["steps_redone"] = (
+                redone  # steps a failure cost (0 after a driver restart: its board is new)
+            )
         if predict is not None and eval_shard is not None:
             record.update(_gathered_metrics(trainable, pairs, rank=rank, world=world))
         history.append(record)
@@ -1852,7 +1866,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         metrics = {k: v for k, v in record.items() if v is not None} | {
             "keep": record["score"] - 1e-9 * epoch
         }
-        if board is not None and rank == 0 and record["eval_loss"] is not None:
+        if rank == 0 and record["eval_loss"] is not None:
             board.post.remote(
                 {"step": step, "epoch": f"{epoch + 1}/{t.epochs}", **_shown_eval(record, score_by)}
             )
