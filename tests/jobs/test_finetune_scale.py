@@ -173,6 +173,9 @@ def test_worker_sigkilled_mid_epoch_resumes_from_its_last_checkpoint(ray_session
     resumed = [r["resumed_at_step"] for r in result.metrics if "resumed_at_step" in r]
     # restored from a mid-epoch checkpoint: at most 10 steps (plus the kill's latency) were redone
     assert len(resumed) == 1 and 0 < resumed[0] < steps_per_epoch and resumed[0] % 10 == 0, result.metrics
+    # the steps trained after that checkpoint and lost with the worker are counted (the kill came after it)
+    redone = [r["steps_redone"] for r in result.metrics if "steps_redone" in r]
+    assert len(redone) == 1 and 0 <= redone[0] < steps_per_epoch - resumed[0], result.metrics
     assert result.metrics[-1]["steps"] == steps_per_epoch  # no step skipped or repeated in the count
     assert result.metrics[-1]["eval_accuracy"] >= 0.8
 
