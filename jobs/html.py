@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -41,17 +41,20 @@ th { background: #f0f2f6; font-weight: 600; } table.kv td.num { text-align: left
 .plot svg { display: block; width: 420px; height: auto; }
 .row { background: #fff; border: 1px solid #dde; border-radius: 6px; margin: 12px 0; padding: 8px 12px; }
 .row > .rowid { font-weight: 600; margin-bottom: 6px; } .stages { display: flex; flex-wrap: wrap; gap: 12px; }
-.stage { flex: 1 1 300px; min-width: 260px; border-left: 3px solid #8aa4d6; padding: 2px 10px; }
+.stage { flex: 1 1 300px; min-width: 260px; overflow-wrap: anywhere; border-left: 3px solid #8aa4d6; padding: 2px 10px; }
 .stage > .stagename { font-weight: 600; color: #33415c; margin-bottom: 4px; }
-.side { display: flex; gap: 10px; flex-wrap: wrap; } .side > div { flex: 1 1 200px; }
-.text { white-space: pre-wrap; background: #f6f7f9; padding: 6px 8px; border-radius: 4px; }
+.side { display: flex; gap: 10px; flex-wrap: wrap; } .side > div { flex: 1 1 140px; min-width: 0; }
+.text { white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f7f9; padding: 6px 8px; border-radius: 4px; }
 mark { border-radius: 3px; padding: 0 2px; } mark .tag { font-size: 10px; font-weight: 700; margin-left: 3px;
        color: #333; } mark.answer { background: #ffe58a; }
 .bar { display: flex; align-items: center; gap: 6px; margin: 2px 0; font-size: 13px; }
 .bar .lab { width: 140px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .bar .track { flex: 0 0 200px; height: 12px; background: #eef; border-radius: 2px; }
 .bar .fill { height: 12px; background: #4c78a8; border-radius: 2px; }
-img.pic, svg.pic { max-width: 360px; height: auto; border: 1px solid #ccd; display: block; }
+img.pic, svg.pic { width: 100%; max-width: 360px; height: auto; border: 1px solid #ccd; display: block; }
+img.pic { image-rendering: pixelated; }
+ul.objects { list-style: none; padding: 0; margin: 4px 0; font-size: 12px; }
+ul.objects li { display: inline-block; margin-right: 8px; }
 .legend span { display: inline-block; margin-right: 10px; font-size: 12px; }
 .legend i { display: inline-block; width: 10px; height: 10px; margin-right: 3px; vertical-align: middle; }
 pre.err { white-space: pre-wrap; max-height: 8em; overflow: auto; margin: 0; font-size: 12px; }
@@ -167,7 +170,7 @@ def hist_plot(
 
 def line_plot(
     title: str,
-    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     *,
     xlabel: str = "",
     ylabel: str = "",

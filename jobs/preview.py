@@ -590,7 +590,7 @@ def _audio(value: Any, storage_options: dict[str, Any] | None) -> str:
     cut = samples[: int(_MAX_AUDIO_S * _AUDIO_RATE)]
     note = f" (first {_MAX_AUDIO_S:.0f} s)" if seconds > _MAX_AUDIO_S else ""
     return (
-        f'<audio controls preload="none" src="{wav_uri(cut, _AUDIO_RATE)}"></audio>'
+        f'<audio controls preload="metadata" src="{wav_uri(cut, _AUDIO_RATE)}"></audio>'
         f'<p class="muted">{seconds:.2f} s{note}</p>'
     )
 

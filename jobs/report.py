@@ -405,8 +405,8 @@ def _outputs_section(out: OutputDir, manifest: dict[str, Any]) -> str:
             top = counter.most_common(_TOP)
             rest = sum(counter.values()) - sum(n for _, n in top)
             labels = [k for k, _ in top] + (["(other)"] if rest else [])
-            values = [n for _, n in top] + ([rest] if rest else [])
-            plots.append(bar_plot(f"{stage}: {name}", labels, values, xlabel="count"))
+            counts = [n for _, n in top] + ([rest] if rest else [])
+            plots.append(bar_plot(f"{stage}: {name}", labels, counts, xlabel="count"))
         for name, values in d.values.items():
             if not values:
                 continue

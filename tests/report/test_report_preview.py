@@ -20,7 +20,7 @@ from jobs.cli import main
 from pipeline.commit import read_errors, read_output
 from tests.report import jobs
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(1500)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_report_of_a_multi_stage_job_shows_counts_errors_and_distributions(outpu
     for e in errors:  # every error's type and stage is in the breakdown table
         assert e["error_type"] in body and e["stage"] in body
     preds = read_output(str(outputs["plain"]), flat=True).to_pylist()
-    titles = _check_plots(page, 14)
+    titles = _check_plots(page, 13)
     for title in (
         "rows per stage",
         "error records by stage / step / type",
@@ -149,7 +149,7 @@ def test_report_draws_runtime_plots_from_the_metrics_files(outputs, render, caps
     assert shown.errors == []
     body = shown.page.inner_text("body")
     assert "No runtime metrics recorded" not in body
-    titles = _check_plots(shown.page, 14 + 5)
+    titles = _check_plots(shown.page, 13 + 5)
     for title in (
         "throughput over time",
         "micro-batch latency (forward)",
