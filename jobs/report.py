@@ -728,13 +728,21 @@ def _padding_plot(stages: dict[str, Any]) -> str:
 
 
 def _queue_plot(depth: pa.Table, t0: float) -> str:
-    if depth.num_rows == 0:
-        return ""
+    """Rows preprocessed and waiting for each stage's replica pool: a queue that stays full points at the
+    stage that holds the job back."""
     series: dict[str, tuple[list[float], list[float]]] = {}
     for r in depth.to_pylist():
-        xs, ys = series.setdefault(f"{r['stage']}: waiting for {r['between']}", ([], []))
+        if r["between"] != "forward":
+            continue
+        xs, ys = series.setdefault(str(r["stage"]), ([], []))
         xs.append(float(r["t"]) - t0)
         ys.append(float(r["rows"]))
+    if not series:
+        return ""
     return line_plot(
-        "rows waiting between steps", series, xlabel="seconds since the run started", ylabel="rows", step=True
+        "rows waiting for each stage's replicas",
+        series,
+        xlabel="seconds since the run started",
+        ylabel="rows",
+        step=True,
     )
