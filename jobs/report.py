@@ -70,10 +70,10 @@ def build_report(output: str, *, storage_options: dict[str, Any] | None = None) 
     sections = [f"<h1>shardwise report: {esc(name)}</h1>", _summary(output, manifest, info)]
     if manifest.get("kind") == "finetune":
         sections.append(_finetune_section(out))
-        sections.append(_runtime_section(out, storage_options, finetune=True))
+        sections.append(_runtime_section(out, finetune=True))
     else:
         sections.append(_stages_section(manifest, info))
-        sections.append(_runtime_section(out, storage_options, finetune=False))
+        sections.append(_runtime_section(out, finetune=False))
         sections.append(_errors_section(output, storage_options))
         sections.append(_outputs_section(out, manifest))
     sections.append(
@@ -298,12 +298,10 @@ def _collect(task: str, cols: dict[str, list[Any]], d: _Dist) -> None:
         d.add("generated tokens", _flat(cols.get("num_generated_tokens", [])))
         d.count("finish reason", _flat(cols.get("finish_reason", [])))
         d.add("generated words", [_words(t) for t in _flat(cols.get("generated_text", []))])
-    elif task in ("summarization", "translation"):
-        key = "summary_text" if task == "summarization" else "translation_text"
-        d.add(
-            f"{task.split('-')[0].replace('summarization', 'summary')} length (words)",
-            [_words(t) for t in cols.get(key, [])],
-        )
+    elif task == "summarization":
+        d.add("summary length (words)", [_words(t) for t in cols.get("summary_text", [])])
+    elif task == "translation":
+        d.add("translation length (words)", [_words(t) for t in cols.get("translation_text", [])])
     elif task == "object-detection":
         objs = [o or [] for o in cols.get("objects", [])]
         d.add("detections per image", [len(o) for o in objs])
@@ -561,7 +559,7 @@ class _MetricsFiles:
         return pa.table(cols)
 
 
-def _runtime_section(out: OutputDir, storage_options: dict[str, Any] | None, *, finetune: bool) -> str:
+def _runtime_section(out: OutputDir, *, finetune: bool) -> str:
     api = _metrics_api()
     runs = [] if finetune else api.list_runs(out)
     if not runs:
@@ -642,7 +640,7 @@ def _runtime_section(out: OutputDir, storage_options: dict[str, Any] | None, *, 
     if events is None or events.num_rows == 0:
         parts.append("<p>This run recorded no events.</p>")
         return "\n".join(parts)
-    t0 = float(pc_min(events.column("t_start")))
+    t0 = float(_min(events.column("t_start")))
     plots = [
         _throughput_plot(api.rates(events, bin_s=_bin_seconds(events)), t0),
         _latency_plot(events),
@@ -654,7 +652,7 @@ def _runtime_section(out: OutputDir, storage_options: dict[str, Any] | None, *, 
     return "\n".join(parts)
 
 
-def pc_min(column: Any) -> float:
+def _min(column: Any) -> float:
     import pyarrow.compute as pc
 
     return float(pc.min(column).as_py())
@@ -664,7 +662,7 @@ def _bin_seconds(events: pa.Table) -> float:
     """About 40 bins over the run, at least 1 s each."""
     import pyarrow.compute as pc
 
-    span = float(pc.max(pc.add(events.column("t_start"), events.column("seconds"))).as_py()) - pc_min(
+    span = float(pc.max(pc.add(events.column("t_start"), events.column("seconds"))).as_py()) - _min(
         events.column("t_start")
     )
     return max(1.0, round(span / 40.0, 1))
