@@ -102,6 +102,10 @@ def _summary(output: str, manifest: dict[str, Any], info: dict[str, Any]) -> str
         rows.append(("reason", info["reason"]))
     if info.get("holder"):
         rows.append(("held by", info["holder"]))
+    if state in ("interrupted", "partial", "incomplete"):
+        rows.append(
+            ("next", "rerun the same job to resume: only shards without a commit record are computed")
+        )
     rows.append(("input", (spec.get("input") or {}).get("uri")))
     if manifest.get("kind") != "finetune":
         rows += [
@@ -164,7 +168,7 @@ def _rate(run: dict[str, Any]) -> float | None:
     rows = run.get("rows_ok")
     if rows is None or wall <= 0:
         return None
-    return round((int(rows) + int(run.get("rows_error") or 0)) / wall, 1)
+    return (int(rows) + int(run.get("rows_error") or 0)) / wall
 
 
 def _stages_section(manifest: dict[str, Any], info: dict[str, Any]) -> str:
