@@ -1,4 +1,5 @@
-"""`shardwise` command line: run | status | tasks | validate | submit | jobs | schedule | evaluate.
+"""`shardwise` command line: run | status | tasks | validate | submit | jobs | schedule | evaluate | report |
+preview.
 
 Exit codes: 0 success; 1 the job ran and failed (error rate, a failed stage); 2 the request is wrong (spec
 errors, missing files, refused output, an output held by another run, a damaged manifest). `status` exits
@@ -97,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_cluster_parsers(sub)
     _add_evaluate_parser(sub)
+    _add_see_parsers(sub)
     return p
 
 
@@ -120,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command in _SEE_COMMANDS:
+            return _SEE_COMMANDS[args.command](args)
         if args.command in _CLUSTER_COMMANDS:
             return _CLUSTER_COMMANDS[args.command](args)
     except (ErrorRateExceeded, JobFailed) as e:
@@ -554,6 +558,91 @@ def _evaluate(args: argparse.Namespace) -> int:
         else f"{format_table(report)}\nwritten to {args.output.rstrip('/')}/{eval_file(report['stage'])}"
     )
     return 0
+
+
+# -------------------------------------------------------------------------------------------------------
+# report | preview  (jobs/report.py, jobs/preview.py): self-contained HTML pages about an output
+
+
+def _storage_options_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-options",
+        default=None,
+        metavar="JSON",
+        help='fsspec options for the output and the job\'s input, e.g. \'{"endpoint_url": "..."}\' (the '
+        "manifest never holds them)",
+    )
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    from pipeline.errors import SpecError
+
+    if args.storage_options is None:
+        return None
+    try:
+        value = json.loads(args.storage_options)
+    except ValueError as e:
+        raise SpecError(
+            "--storage-options", f"is not JSON ({e}); give an object, e.g. '{{\"anon\": true}}'"
+        ) from e
+    if not isinstance(value, dict):
+        raise SpecError("--storage-options", f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _add_see_parsers(sub: Any) -> None:
+    report = sub.add_parser(
+        "report", help="one self-contained HTML page: summary, stages, runtime plots, errors, distributions"
+    )
+    report.add_argument("output", help="the job's output.uri")
+    report.add_argument(
+        "-o", dest="out_file", default="report.html", metavar="FILE", help="default: report.html"
+    )
+    _storage_options_arg(report)
+    preview = sub.add_parser(
+        "preview", help="the first (or --sample) N predictions drawn as HTML: boxes, masks, spans, audio, ..."
+    )
+    preview.add_argument("output", help="the inference job's output.uri")
+    preview.add_argument("--n", type=int, default=24, metavar="N", help="rows to show (default 24)")
+    preview.add_argument(
+        "--sample", action="store_true", help="a seeded random sample instead of the first rows"
+    )
+    preview.add_argument("--seed", type=int, default=0, help="--sample's seed (default 0)")
+    preview.add_argument(
+        "-o", dest="out_file", default="preview.html", metavar="FILE", help="default: preview.html"
+    )
+    _storage_options_arg(preview)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from jobs.report import write_report
+
+    facts = write_report(args.output, args.out_file, storage_options=_storage_options(args))
+    print(
+        f"{args.out_file}: report of {args.output} ({facts['state']}; {facts['plots']} plots, {facts['bytes']:,} bytes)"
+    )
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from jobs.preview import write_preview
+
+    facts = write_preview(
+        args.output,
+        args.out_file,
+        n=args.n,
+        sample=args.sample,
+        seed=args.seed,
+        storage_options=_storage_options(args),
+    )
+    print(
+        f"{args.out_file}: {facts['rows']} rows of {args.output} ({facts['images']} images, {facts['audio']} audio "
+        f"players, {facts['bytes']:,} bytes)"
+    )
+    return 0
+
+
+_SEE_COMMANDS = {"report": _report, "preview": _preview}
 
 
 if __name__ == "__main__":
