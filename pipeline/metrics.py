@@ -97,6 +97,8 @@ DRAIN_EVERY_S = 5.0
 FLUSH_EVERY_S = 30.0
 # live.json's rates are over the events of this last window.
 LIVE_WINDOW_S = 30.0
+# The driver waits at most this long for the sink actor to start (else the run goes without metrics).
+_START_TIMEOUT_S = 60.0
 # A worker waits at most this long for the sink to take a block's events, then drops them.
 _SEND_TIMEOUT_S = 10.0
 STEPS = ("read", "preprocess", "forward", "postprocess", "commit")
@@ -414,6 +416,8 @@ class RunMetrics:
                 f"{self.folder}/run.json", json.dumps({"format": FORMAT, **self.run}).encode()
             )
             self.sink = ray.remote(num_cpus=0, max_restarts=0)(Sink).remote()
+            # Up before the first block: a worker never waits for it to start.
+            ray.get(self.sink.drain.remote(), timeout=_START_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - best-effort
             log.warning("job metrics are off for this run: %s", e)
             self.sink = None
