@@ -4,6 +4,7 @@ never fails a block. The end-to-end checks (events add up to the commit records)
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -235,3 +236,67 @@ def test_ray_metrics_are_recorded_per_step_outcome_and_micro_batch(monkeypatch):
     assert ("rows", 2, {"job": "job", "stage": "s", "step": "preprocess", "outcome": "error"}) in calls
     assert ("forward", 0.25, {"job": "job", "stage": "s"}) in calls
     assert ("units", 40, {"job": "job", "stage": "s", "unit": "tokens", "kind": "padded"}) in calls
+
+
+def _prometheus_lines(prefix: str, job: str, timeout_s: float = 60.0) -> list[str]:
+    """The node metrics agent's Prometheus lines of `prefix` for `job` (workers export every few seconds)."""
+    import urllib.request
+
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.time() + timeout_s
+    lines: list[str] = []
+    while time.time() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        lines = [ln for ln in text.splitlines() if ln.startswith(prefix) and f'job="{job}"' in ln]
+        if lines:
+            return lines
+        time.sleep(1.0)
+    return lines
+
+
+def _value(lines: list[str], *labels: str) -> float:
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if all(label in ln for label in labels))
+
+
+@pytest.mark.timeout(180)
+def test_a_workers_events_reach_the_sink_and_rays_prometheus_endpoint(ray_session):
+    """A replica-like actor records a micro-batch through a real sink actor: the driver drains the event, and
+    the counters appear on the node's Prometheus endpoint (what a cluster's Prometheus scrapes)."""
+    import ray
+
+    sink = ray.remote(num_cpus=0)(metrics.Sink).remote()
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def go(self) -> None:
+            rec = Recorder(MetricsContext(sink, "run1", "metrics-test"))
+            rec.forward(
+                "s",
+                shard="0",
+                t_start=time.time(),
+                seconds=0.2,
+                lengths=[3, 5],
+                errors=[None, ("Boom", "x")],
+                unit="tokens",
+                pads=True,
+            )
+            rec.send()
+
+    worker = Worker.remote()
+    try:
+        ray.get(worker.go.remote())
+        events = ray.get(sink.drain.remote())
+        assert [(e[2], e[7], e[8], e[9], e[10]) for e in events] == [("forward", 2, 1, 8, 10)]
+        assert events[0][4] == worker._actor_id.hex()  # the replica is named by its actor id
+        rows = _prometheus_lines("ray_shardwise_rows", "metrics-test")
+        assert _value(rows, 'step="forward"', 'outcome="error"') == 1.0, rows
+        assert _value(rows, 'step="forward"', 'outcome="ok"') == 1.0, rows
+        units = _prometheus_lines("ray_shardwise_units", "metrics-test")
+        assert _value(units, 'kind="padded"', 'unit="tokens"') == 10.0, units
+        assert _value(units, 'kind="real"') == 8.0, units
+        assert _prometheus_lines("ray_shardwise_forward_seconds_count", "metrics-test")
+    finally:
+        ray.kill(worker)
+        ray.kill(sink)
