@@ -566,7 +566,15 @@ def _run_locked(
         except Exception:  # noqa: BLE001 - the original failure is what the user must see
             pass
         if metrics is not None:
-            metrics.finish(state=state, reason=str(failure), figures=_run_figures(ledger, started))
+            metrics.finish(
+                state=state,
+                reason=str(failure),
+                figures={
+                    **_run_figures(ledger, started),
+                    "rows_error_run": None,  # the ledger counts errors per output, not per run
+                    "shards_run": len(ledger.done) - len(kept) - len(committed),
+                },
+            )
         if failure is e:
             raise
         raise failure from e

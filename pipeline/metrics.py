@@ -93,8 +93,9 @@ ENV = "SHARDWISE_METRICS"
 # The driver drains the sink this often (live.json, status --watch) ...
 DRAIN_EVERY_S = 5.0
 # ... and writes an events/progress file this often: a long job gets ~120 small files an hour, and a killed
-# driver loses at most this much.
+# driver loses at most this much. SHARDWISE_METRICS_FLUSH_S overrides it (the driver-kill test uses 1 s).
 FLUSH_EVERY_S = 30.0
+FLUSH_ENV = "SHARDWISE_METRICS_FLUSH_S"
 # live.json's rates are over the events of this last window.
 LIVE_WINDOW_S = 30.0
 # The driver waits at most this long for the sink actor to start (else the run goes without metrics).
@@ -427,7 +428,7 @@ class RunMetrics:
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(DRAIN_EVERY_S):
+        while not self._stop.wait(min(DRAIN_EVERY_S, _flush_every_s())):
             self.drain()
 
     def drain(self, *, flush: bool = False) -> None:
@@ -453,7 +454,7 @@ class RunMetrics:
             try:
                 self._samples.append({"run_id": self.run_id, "t": now, **_sample(self.progress())})
                 self.out.write_bytes(f"{self.folder}/live.json", json.dumps(self._live(now)).encode())
-                if flush or time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
+                if flush or time.monotonic() - self._last_flush >= _flush_every_s():
                     self._flush()
             except Exception as e:  # noqa: BLE001
                 log.warning("could not write job metrics: %s", e)
@@ -524,6 +525,13 @@ class RunMetrics:
             except Exception:  # noqa: BLE001
                 pass
             self.sink = None
+
+
+def _flush_every_s() -> float:
+    try:
+        return float(os.environ.get(FLUSH_ENV) or FLUSH_EVERY_S)
+    except ValueError:
+        return FLUSH_EVERY_S
 
 
 def _sample(p: dict[str, Any]) -> dict[str, Any]:

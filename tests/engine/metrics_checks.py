@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any
 
 from pipeline.commit import OutputDir, read_errors
-from pipeline.metrics import list_runs, queue_depth, read_events, read_progress, read_summary
+from pipeline.metrics import list_runs, queue_depth, read_events, read_live, read_progress, read_summary
 
 
 def _sums(events: Any) -> dict[tuple[str | None, str], tuple[int, int]]:
@@ -73,4 +73,6 @@ def assert_run_metrics(uri: str, run_id: str, stages: list[str], *, unit: dict[s
         errors_by_type
     )
     json.dumps(summary)  # plain JSON
+    live = read_live(uri, run_id)  # the last drain's, at the end of the run
+    assert live is not None and set(live["stages"]) == set(stages)
     return summary
