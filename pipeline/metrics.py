@@ -265,6 +265,15 @@ class Recorder:
         for read and commit), rows it failed and their error types."""
         if self.ctx is None:
             return
+        try:
+            self._step(stage, step, t_start, before, after)
+        except Exception as e:  # noqa: BLE001 - metrics are best-effort; the rows are not
+            log.debug("metrics: could not record %s/%s: %s", stage, step, e)
+
+    def _step(
+        self, stage: str | None, step: str, t_start: float, before: pa.Table | None, after: pa.Table
+    ) -> None:
+        assert self.ctx is not None
         seconds = time.time() - t_start
         after_err = pc.is_valid(after.column(ERR_STEP))
         if before is None or step == "commit":  # read: every row is new; commit: every row is written
