@@ -19,6 +19,8 @@ the way down and one shard gives one `part-<shard>.parquet`. A row that fails in
 (stage, step, type, message) and later steps skip it.
 
 Workers receive the bound job (`pipeline.bind`): parsed params and schemas, never a spec to parse again.
+Each CPU step and each replica micro-batch is recorded for the job metrics (`pipeline.metrics`): one event
+per (block, step) or micro-batch, sent to the run's sink once per block.
 """
 
 from __future__ import annotations
