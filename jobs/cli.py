@@ -226,6 +226,7 @@ def _watch(args: argparse.Namespace) -> None:
     a run holds the output; the full status (every commit record checked) is printed after."""
     from pipeline.commit import OutputDir
     from pipeline.lease import read_lease
+    from pipeline.metrics import read_live
 
     out = OutputDir(args.output)
     clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
@@ -246,12 +247,29 @@ def _watch(args: argparse.Namespace) -> None:
             if total
             else f"rows {done}, {rate:.1f} rows/s; errors {manifest.get('rows_error', 0)}",
         ]
+        live = (read_live(out, lease.run_id) or {}).get("stages") or {}
         for name, c in (manifest.get("stages") or {}).items():
             lines.append(
                 f"  stage {name}: {c['rows_in']} rows in, {c['rows_ok']} ok, {c['rows_error']} errors"
+                + _live_stage(live.get(name))
             )
         print(clear + "\n".join(lines), flush=True)
         time.sleep(args.interval)
+
+
+def _live_stage(live: dict[str, Any] | None) -> str:
+    """`; 12.5 rows/s, replicas 80% busy, 64 rows waiting for the replicas, padding 91%` from the job
+    metrics' live.json (pipeline.metrics; rates over its last window), or "" when there is none."""
+    if not live:
+        return ""
+    parts = [f"{live['rows_per_s']:.1f} rows/s"]
+    if live.get("busy_share") is not None:
+        parts.append(f"replicas {live['busy_share']:.0%} busy")
+    if live.get("waiting_forward"):
+        parts.append(f"{live['waiting_forward']} rows waiting for the replicas")
+    if live.get("padding_efficiency") is not None:
+        parts.append(f"padding {live['padding_efficiency']:.0%} efficient")
+    return "; " + ", ".join(parts)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ Failure isolation lives here, for every task alike:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -71,8 +72,13 @@ def run_micro_batches(
     batch_size: int,
     max_tokens: int | None = None,
     on_oom: Callable[[], None] | None = None,
+    on_batch: Callable[[list[int], float, float, list[tuple[str, str] | None]], None] | None = None,
 ) -> BatchResult:
-    """Run `forward` over `rows` in length-sorted micro-batches with OOM splitting and row isolation."""
+    """Run `forward` over `rows` in length-sorted micro-batches with OOM splitting and row isolation.
+
+    `on_batch(indices, t_start, seconds, errors)` is called after each planned micro-batch (its splits and
+    row retries included) with its rows' errors (None for a row with an output), e.g. to record its latency
+    and padding (pipeline.metrics)."""
     result = BatchResult(len(rows))
 
     def run(indices: list[int]) -> None:
@@ -102,5 +108,8 @@ def run_micro_batches(
             result.outputs[i] = out
 
     for batch in plan_micro_batches(lengths, batch_size=batch_size, max_tokens=max_tokens):
+        t_start = time.time()
         run(batch)
+        if on_batch is not None:
+            on_batch(batch, t_start, time.time() - t_start, [result.errors[i] for i in batch])
     return result

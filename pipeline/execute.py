@@ -35,6 +35,8 @@ from pipeline.errors import (
 from pipeline.graph import GraphJob, build_dataset, embedded_cpus, min_cpus
 from pipeline.lease import Lease
 from pipeline.locations import check_output_location
+from pipeline.metrics import RunMetrics
+from pipeline.metrics import enabled as metrics_enabled
 from pipeline.plan import Shard, fingerprint, plan_shards
 from pipeline.redact import redact, scrub, secret_values
 from pipeline.sources import (
@@ -496,12 +498,30 @@ def _run_locked(
     allowed = _allowed_errors(spec, rows_total)
     bar = _progress(progress, total=rows_total, initial=ledger.rows_in)
     graph_stats = ""
+    metrics: RunMetrics | None = None
+
+    def progress_now() -> dict[str, Any]:
+        return {
+            "rows_in": ledger.rows_in,
+            "rows_error": ledger.rows_error,
+            "shards_done": len(ledger.done),
+            "rows_run": ledger.run_rows,
+            "stages": stage_counts([st.name for st in prep.job.stages], ledger.rows_in, ledger.stage_errors),
+        }
+
     try:
         if todo:
             reused = ray_module().is_initialized()
             init_ray(address=address, num_cpus=None if address else embedded_cpus(prep.job))
             _check_capacity(prep.job, reused=reused and address is None)
-            graph = GraphJob(prep.job, out, run_id, prep.fingerprint)
+            if metrics_enabled():
+                metrics = RunMetrics(
+                    out, run_id, _metrics_run(prep, run_id, started, len(todo)), progress_now
+                )
+                metrics.start(ray_module())
+            graph = GraphJob(
+                prep.job, out, run_id, prep.fingerprint, metrics=metrics.context() if metrics else None
+            )
             ds = build_dataset(ray_module(), graph, todo)
             last_write = time.monotonic()
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
@@ -545,6 +565,16 @@ def _run_locked(
             )
         except Exception:  # noqa: BLE001 - the original failure is what the user must see
             pass
+        if metrics is not None:
+            metrics.finish(
+                state=state,
+                reason=str(failure),
+                figures={
+                    **_run_figures(ledger, started),
+                    "rows_error_run": None,  # the ledger counts errors per output, not per run
+                    "shards_run": len(ledger.done) - len(kept) - len(committed),
+                },
+            )
         if failure is e:
             raise
         raise failure from e
@@ -590,6 +620,16 @@ def _run_locked(
         state = "partial"
     manifest_data = manifest(state, reason=reason)
     out.write_manifest(manifest_data)
+    if metrics is not None:
+        metrics.finish(
+            state=state,
+            reason=reason,
+            figures={
+                **_run_figures(ledger, started),
+                "rows_error_run": sum(r.rows_error for r in this_run),
+                "shards_run": len(this_run),
+            },
+        )
     _write_run_log(
         out,
         run_id=run_id,
@@ -625,6 +665,42 @@ def _run_locked(
     if state == "succeeded":
         out.write_success()
     return result
+
+
+def _metrics_run(prep: Prepared, run_id: str, started: float, shards_todo: int) -> dict[str, Any]:
+    """run.json of the run's metrics (pipeline.metrics): the job and its stages as this run plans them."""
+    from pipeline.metrics import unit_of
+
+    return {
+        "run_id": run_id,
+        "name": prep.spec.name,
+        "started_at": started,
+        "rows_total": prep.rows_total,
+        "shards_total": len(prep.shards),
+        "shards_todo": shards_todo,
+        "stages": [
+            {
+                "name": s.name,
+                "task": s.task_name,
+                "unit": unit_of(s.task)[0],
+                "replicas": list(s.replicas),
+                "batch_size": s.batch_size,
+                "max_batch_tokens": s.max_batch_tokens,
+                "num_gpus": s.num_gpus,
+                "num_cpus": s.cpus,
+            }
+            for s in prep.job.stages
+        ],
+    }
+
+
+def _run_figures(ledger: Ledger, started: float) -> dict[str, Any]:
+    wall = time.time() - started
+    return {
+        "wall_s": wall,
+        "rows_run": ledger.run_rows,
+        "rows_per_s": ledger.run_rows / wall if wall > 0 else 0.0,
+    }
 
 
 def _write_run_log(out: OutputDir, *, run_id: str, **figures: Any) -> None:

@@ -19,6 +19,8 @@ the way down and one shard gives one `part-<shard>.parquet`. A row that fails in
 (stage, step, type, message) and later steps skip it.
 
 Workers receive the bound job (`pipeline.bind`): parsed params and schemas, never a spec to parse again.
+Each CPU step and each replica micro-batch is recorded for the job metrics (`pipeline.metrics`): one event
+per (block, step) or micro-batch, sent to the run's sink once per block.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -53,6 +56,7 @@ from pipeline.block import (
 )
 from pipeline.commit import READ_STAGE, OutputDir, error_schema
 from pipeline.errors import JobFailed
+from pipeline.metrics import MetricsContext, Recorder
 from pipeline.plan import Shard
 from pipeline.sources import read_shard
 from pipeline.tensors import decode_tensors, encode_tensors
@@ -86,6 +90,8 @@ class GraphJob:
     output: OutputDir
     run_id: str
     fingerprint: str
+    # The run's metrics sink (pipeline.metrics); None when metrics are off.
+    metrics: MetricsContext | None = None
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -340,14 +346,30 @@ def _predictions(rows: pa.Table, job: BoundJob) -> pa.Table:
 
 def cpu_step(batch: pa.Table, *, graph: GraphJob, read: bool, post: int | None, pre: int | None) -> pa.Table:
     """One CPU task of the graph: [read] → [postprocess of stage `post`] → [preprocess of stage `pre`];
-    with no next stage, the shard is committed and the task returns its commit records."""
+    with no next stage, the shard is committed and the task returns its commit records. Each step's event
+    goes to the run's metrics (pipeline.metrics), one call per block."""
     job = graph.job
-    table = read_block(batch, job) if read else batch
+    rec = Recorder(graph.metrics)
+    table = batch
+    if read:
+        t = time.time()
+        table = read_block(batch, job)
+        rec.step(None, "read", t, None, table)
     if post is not None:
+        t, before = time.time(), table
         table = postprocess(table, job, job.stages[post])
+        rec.step(job.stages[post].name, "postprocess", t, before, table)
     if pre is not None:
-        return preprocess(table, job, job.stages[pre])
-    return commit(table, graph)
+        t, before = time.time(), table
+        table = preprocess(table, job, job.stages[pre])
+        rec.step(job.stages[pre].name, "preprocess", t, before, table)
+        rec.send()
+        return table
+    t = time.time()
+    records = commit(table, graph)
+    rec.step(None, "commit", t, None, table)
+    rec.send()
+    return records
 
 
 def _named(name: str) -> Callable[..., pa.Table]:
@@ -413,7 +435,11 @@ def _graph(ray: Any, graph: GraphJob, todo: list[Shard]) -> Any:
             compute=ActorPoolStrategy(min_size=lo, max_size=hi),
             num_gpus=stage.num_gpus or None,
             num_cpus=stage.cpus,
-            fn_constructor_kwargs={"stage": stage, "threads": replica_threads(job, stage)},
+            fn_constructor_kwargs={
+                "stage": stage,
+                "threads": replica_threads(job, stage),
+                "metrics": graph.metrics,
+            },
         )
         last = k == len(stages) - 1
         name = f"postprocess[{stage.name}]+" + ("commit" if last else f"preprocess[{stages[k + 1].name}]")

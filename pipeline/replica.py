@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline.batching import run_micro_batches
 from pipeline.bind import BoundStage
-from pipeline.block import FEATURE, OUTPUT, ok_rows, set_errors
+from pipeline.block import FEATURE, OUTPUT, SHARD, ok_rows, set_errors
+from pipeline.metrics import MetricsContext, Recorder, unit_of
 from pipeline.tensors import decode_tensors, encode_tensors
 
 __all__ = ["Replica", "resolve_device", "resolve_dtype"]
@@ -47,7 +49,9 @@ def resolve_dtype(dtype: str, device: str) -> str:
 class Replica:
     """One replica of one stage: `stage` is the bound stage (parsed params, resources), not a spec."""
 
-    def __init__(self, *, stage: BoundStage, threads: int | None) -> None:
+    def __init__(
+        self, *, stage: BoundStage, threads: int | None, metrics: MetricsContext | None = None
+    ) -> None:
         import torch
 
         from models.loading import resolve_model
@@ -62,6 +66,7 @@ class Replica:
         model_dir = resolve_model(stage.model, revision=stage.revision)
         self.runner = task.load_runner(model_dir, stage.params, device=self.device, dtype=self.dtype)
         self.keep_features = {FEATURE + name for name in task.postprocess_features}
+        self.metrics = metrics
         log.info(
             "replica ready: stage=%s task=%s model=%s device=%s dtype=%s threads=%d",
             stage.name,
@@ -82,13 +87,37 @@ class Replica:
         features = decode_tensors(table, prefix=FEATURE)
         ok = [i for i in ok_rows(table) if features[i] is not None]
         rows: list[dict[str, Any]] = [features[i] or {} for i in ok]
+        lengths = [self.runner.length(r) for r in rows]
+        rec = Recorder(self.metrics)
+        on_batch: Callable[[list[int], float, float, list[tuple[str, str] | None]], None] | None = None
+        if self.metrics is not None and rows:
+            unit, pads = unit_of(self.stage.task, self.runner, rows[0])
+            shard = ",".join(dict.fromkeys(table.column(SHARD).to_pylist()))
+
+            def record(
+                indices: list[int], t_start: float, seconds: float, errors: list[tuple[str, str] | None]
+            ) -> None:
+                rec.forward(
+                    self.stage.name,
+                    shard=shard,
+                    t_start=t_start,
+                    seconds=seconds,
+                    lengths=[lengths[j] for j in indices],
+                    errors=errors,
+                    unit=unit,
+                    pads=pads,
+                )
+
+            on_batch = record
+
         result = run_micro_batches(
             self.runner.forward,
             rows,
-            [self.runner.length(r) for r in rows],
+            lengths,
             batch_size=self.stage.batch_size,
             max_tokens=self.stage.max_batch_tokens,
             on_oom=self._on_oom,
+            on_batch=on_batch,
         )
         outputs: list[dict[str, Any] | None] = [None] * table.num_rows
         errors: list[tuple[str, str] | None] = [None] * table.num_rows
@@ -105,4 +134,5 @@ class Replica:
         table = table.drop_columns(drop)
         for name, column in encode_tensors(outputs, prefix=OUTPUT).items():
             table = table.append_column(name, column)
+        rec.send()
         return table

@@ -112,6 +112,7 @@ class _Postprocessor:
 @register_task("test-faulty")
 class FaultyTextClassification:
     name = "test-faulty"
+    length_unit = "tokens"  # what its runner.length counts, for the job metrics (pipeline.metrics.unit_of)
     inputs = {"text": True}
     description = "Test only: text-classification that fails on rows carrying a marker word."
     postprocess_inputs = ("text",)

@@ -24,6 +24,7 @@ from pipeline.commit import OutputDir, read_errors, read_output
 from pipeline.execute import run_inference
 from pipeline.spec import parse_spec
 from pipeline.status import output_status
+from tests.engine.metrics_checks import assert_run_metrics
 from tests.engine.procs import cli, committed, pids_matching, wait_for
 from tests.engine.readback import assert_each_id_once, errors_by_id, predictions_by_id
 from tests.helpers import make_texts, write_texts_parquet
@@ -147,6 +148,14 @@ def test_chain_and_fan_out_match_each_stage_alone(ray_session, tiny_model, tiny_
     assert all("->" not in op.split(":")[0] for op in pools), (
         f"a CPU step was fused into a replica pool: {pools}"
     )
+    # Job metrics: every stage's steps, counts that add up to the commit and error records, a summary.
+    summary = assert_run_metrics(
+        str(out),
+        result.run_id,
+        ["check", "gen", "cls"],
+        unit=dict.fromkeys(["check", "gen", "cls"], "tokens"),
+    )
+    assert summary["state"] == "succeeded" and summary["stages"]["gen"]["forward"]["rows_per_batch_mean"] <= 8
 
 
 def test_changing_one_stage_is_refused_naming_it(ray_session, tiny_model, tiny_gpt2, tmp_path):

@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.commit import OutputDir, read_errors, read_output
 from pipeline.errors import ErrorRateExceeded, FingerprintMismatch, SpecError
 from pipeline.execute import run_inference
+from pipeline.metrics import list_runs, read_events, read_summary
 from pipeline.spec import parse_spec
 from tests.helpers import job_dict, make_texts, write_texts_parquet
 
@@ -169,12 +171,23 @@ def test_resume_recomputes_only_uncommitted_shards(ray_session, tiny_model, tmp_
     assert (second.shards_skipped, second.shards_run) == (3, second.shards_total - 3)
     shards = OutputDir(str(tmp_path / "out")).committed()
     by_run = {}
+    by_run_shards: dict[str, list[str]] = {}
     for rec in shards.values():
         by_run.setdefault(rec.run_id, 0)
         by_run[rec.run_id] += 1
+        by_run_shards.setdefault(rec.run_id, []).append(rec.shard_id)
     assert by_run == {first.run_id: 3, second.run_id: second.shards_total - 3}
+    # Each run that computed shards has its own metrics folder, its events only of its own shards.
+    out = str(tmp_path / "out")
+    assert list_runs(out) == [first.run_id, second.run_id]
+    assert read_summary(out, first.run_id)["state"] == "partial"
+    assert read_summary(out)["run_id"] == second.run_id
+    commits = read_events(out, second.run_id).filter(pc.equal(pc.field("step"), "commit"))
+    assert sorted(commits.column("shard").to_pylist()) == sorted(by_run_shards[second.run_id])
+    assert sum(commits.column("rows").to_pylist()) == second.rows_run
     third = run_inference(spec, progress=False)
     assert third.shards_run == 0 and third.rows_ok == 400
+    assert list_runs(out) == [first.run_id, second.run_id]  # nothing to do: no Ray, no metrics
     ids = read_output(str(tmp_path / "out")).column("id").to_pylist()
     assert sorted(ids) == list(range(400))
 
@@ -200,6 +213,7 @@ def test_changed_job_is_refused_then_overwrite_recomputes(ray_session, tiny_mode
     assert "--overwrite" in str(err.value)
     result = run_inference(changed, progress=False, overwrite=True)
     assert result.rows_ok == 60 and "scores" in read_output(str(tmp_path / "out")).column_names
+    assert list_runs(str(tmp_path / "out")) == [result.run_id]  # --overwrite deleted the first run's metrics
     # Same job, changed input file: refused as well.
     write_texts_parquet(tmp_path / "in.parquet", make_texts(61, seed=10))
     with pytest.raises(FingerprintMismatch, match="input"):
