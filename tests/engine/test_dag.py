@@ -22,6 +22,7 @@ import yaml
 from jobs.cli import main
 from pipeline.commit import OutputDir, read_errors, read_output
 from pipeline.execute import run_inference
+from pipeline.metrics import FLUSH_ENV, list_runs, read_events, read_run, read_summary, summarise
 from pipeline.spec import parse_spec
 from pipeline.status import output_status
 from tests.engine.metrics_checks import assert_run_metrics
@@ -214,7 +215,7 @@ def test_middle_stage_replica_sigkilled_loses_nothing(ray_session, tiny_model, t
 
 
 @pytest.mark.timeout(480)
-def test_three_stage_job_driver_sigkilled_resumes_exactly_once(tiny_model, tiny_gpt2, tmp_path):
+def test_three_stage_job_driver_sigkilled_resumes_exactly_once(tiny_model, tiny_gpt2, tmp_path, monkeypatch):
     """The CLI runs a 3-stage job on its own embedded cluster (sized for the three pools on this 2-core
     machine); its driver and cluster are SIGKILLed at about half; the rerun computes exactly the shards that
     were not committed, and every row is in the output once. `gen` feeds `cls` without being written."""
@@ -227,6 +228,7 @@ def test_three_stage_job_driver_sigkilled_resumes_exactly_once(tiny_model, tiny_
     spec_path.write_text(yaml.safe_dump(job))
     total = n // 30
 
+    monkeypatch.setenv(FLUSH_ENV, "1")  # the driver writes its metrics every second (default 30 s)
     proc = cli("run", str(spec_path), "--no-progress")
     try:
         wait_for(lambda: committed(out) >= total // 2 or proc.poll() is not None, timeout=360, what="half")
@@ -237,6 +239,13 @@ def test_three_stage_job_driver_sigkilled_resumes_exactly_once(tiny_model, tiny_
     time.sleep(1.0)
     before = {p.stem for p in (out / "_shards").glob("*.json")}
     assert 0 < len(before) < total
+    # The killed run's metrics: what the driver drained is there, without a summary; summarise() reads it.
+    [killed] = list_runs(str(out))
+    assert read_summary(str(out), killed) is None
+    drained = read_events(str(out), killed)
+    commits = {e["shard"] for e in drained.to_pylist() if e["step"] == "commit"}
+    assert commits and commits <= before
+    assert summarise(drained, run=read_run(str(out), killed))["stages"]["cls"]["forward"]["micro_batches"] > 0
 
     rerun = cli("run", str(spec_path), "--no-progress")
     _, stderr = rerun.communicate(timeout=360)
@@ -251,3 +260,5 @@ def test_three_stage_job_driver_sigkilled_resumes_exactly_once(tiny_model, tiny_
     assert_each_id_once(str(out), range(n))
     assert read_output(str(out)).column_names == ["id", "check", "cls"]  # gen: output false
     assert len(read_errors(str(out))) == 3
+    assert list_runs(str(out)) == [killed, last["run_id"]]
+    assert read_summary(str(out))["state"] == "succeeded"
