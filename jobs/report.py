@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.html import Raw, bar_plot, esc, hist_plot, line_plot, page, svg_of, table
+from pipeline import metrics
 from pipeline.commit import ERRORS, OutputDir, read_errors
 from pipeline.errors import OutputError
 
@@ -476,102 +477,15 @@ def _finetune_section(out: OutputDir) -> str:
 # --- runtime metrics --------------------------------------------------------------------------------------
 
 
-def _metrics_api() -> Any:
-    """`pipeline.metrics` (the writer's own readers), or `_MetricsFiles`, which reads the same files
-    (format v1 of `_metrics/runtime/<run_id>/`) where that module is not installed."""
-    try:
-        from pipeline import metrics  # type: ignore[attr-defined]
-
-        return metrics
-    except ImportError:
-        return _MetricsFiles
-
-
-class _MetricsFiles:
-    """Readers of `_metrics/runtime/<run_id>/{run,summary}.json, events-*.parquet` (format v1)."""
-
-    RUNTIME = "_metrics/runtime"
-
-    @staticmethod
-    def list_runs(out: OutputDir) -> list[str]:
-        return sorted(n for n, size in out.sizes(_MetricsFiles.RUNTIME).items() if size == 0)
-
-    @staticmethod
-    def read_events(out: OutputDir, run_id: str) -> pa.Table | None:
-        rel = f"{_MetricsFiles.RUNTIME}/{run_id}"
-        tables = []
-        for name in sorted(n for n in out.sizes(rel) if n.startswith("events-") and n.endswith(".parquet")):
-            with out.fs.open(out.path(rel, name), "rb") as f:
-                tables.append(pq.read_table(f))
-        if not tables:
-            return None
-        return pa.concat_tables(tables).sort_by("t_start")
-
-    @staticmethod
-    def read_run(out: OutputDir, run_id: str) -> dict[str, Any] | None:
-        return out.read_json(f"{_MetricsFiles.RUNTIME}/{run_id}/run.json")
-
-    @staticmethod
-    def read_summary(out: OutputDir, run_id: str) -> dict[str, Any] | None:
-        return out.read_json(f"{_MetricsFiles.RUNTIME}/{run_id}/summary.json")
-
-    @staticmethod
-    def rates(events: pa.Table, *, bin_s: float = 10.0) -> pa.Table:
-        """Rows of events ending in each `bin_s` bin, per (stage, step)."""
-        e = events.to_pydict()
-        sums: Counter[tuple[float, Any, Any]] = Counter()
-        for stage, step, t, sec, rows in zip(
-            e["stage"], e["step"], e["t_start"], e["seconds"], e["rows"], strict=True
-        ):
-            sums[(float((t + sec) // bin_s * bin_s), stage, step)] += int(rows or 0)
-        keys = sorted(sums, key=lambda k: k[0])
-        return pa.table(
-            {
-                "t": [k[0] for k in keys],
-                "stage": [k[1] for k in keys],
-                "step": [k[2] for k in keys],
-                "rows": [sums[k] for k in keys],
-                "rows_per_s": [sums[k] / bin_s for k in keys],
-            }
-        )
-
-    @staticmethod
-    def queue_depth(events: pa.Table) -> pa.Table:
-        """Rows waiting before each stage's replica pool (preprocessed, not yet in a micro-batch) and after
-        it (forward done, postprocess not started), over time."""
-        e = events.to_pydict()
-        deltas: list[tuple[float, str, str, int]] = []
-        for stage, step, t, sec, rows, bad in zip(
-            e["stage"], e["step"], e["t_start"], e["seconds"], e["rows"], e["rows_error"], strict=True
-        ):
-            n, good = int(rows or 0), int(rows or 0) - int(bad or 0)
-            if stage is None:
-                continue
-            if step == "preprocess":
-                deltas.append((t + sec, stage, "forward", good))
-            elif step == "forward":
-                deltas += [(t, stage, "forward", -n), (t + sec, stage, "postprocess", good)]
-            elif step == "postprocess":
-                deltas.append((t, stage, "postprocess", -n))
-        deltas.sort(key=lambda d: d[0])
-        level: Counter[tuple[str, str]] = Counter()
-        cols: dict[str, list[Any]] = {"t": [], "stage": [], "between": [], "rows": []}
-        for t, stage, between, d in deltas:
-            level[(stage, between)] += d
-            for k, v in zip(cols, (t, stage, between, max(0, level[(stage, between)])), strict=True):
-                cols[k].append(v)
-        return pa.table(cols)
-
-
 def _runtime_section(out: OutputDir, *, finetune: bool) -> str:
-    api = _metrics_api()
+    api = metrics
     runs = [] if finetune else api.list_runs(out)
     if not runs:
         return "<h2>Runtime</h2><p>No runtime metrics recorded for this run.</p>"
     summaries = {}
     for run_id in runs:
         summary = api.read_summary(out, run_id)
-        if summary is None and hasattr(api, "summarise"):  # a killed driver writes no summary
+        if summary is None:  # a killed driver writes no summary
             events = api.read_events(out, run_id)
             if events is not None and events.num_rows:
                 run = api.read_run(out, run_id)
