@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import tempfile
 import time
@@ -276,45 +275,29 @@ class _ModelOnly:
         return texts, []
 
 
-def _run_system(
-    cfg: BenchConfig, inp: harness.BenchInputs, system: str, tag: str, input_path: Path | None
-) -> SystemRun:
-    if system == "shardwise":
-        stage = {
+def _systems(cfg: BenchConfig, inp: harness.BenchInputs) -> harness.Systems:
+    def pipeline(batch_size: int) -> harness.InProcess:
+        return harness.InProcess(
+            construct=lambda: _pipeline(cfg, inp, batch_size=batch_size),
+            parse=lambda out: (list(out), []),
+            extra={"batch_size": batch_size},
+        )
+
+    return harness.Systems(
+        inputs=inp,
+        job="bench-asr",
+        stage={
             "name": "asr",
             "task": TASK,
             "model": str(inp.model_dir),
             "inputs": {"audio": "audio"},
             "params": {"batching": cfg.batching},
-        }
-        spec = harness.shardwise_spec(
-            cfg,
-            job="bench-asr",
-            stage=stage,
-            input_path=input_path or inp.input_path,
-            out_uri=inp.work_dir / f"out-shardwise-{tag}",
-        )
-        return harness.run_shardwise(cfg, spec, read=_read_texts)
-    if system == "naive_ray":
-        return harness.run_naive_ray(
-            cfg,
-            _NaiveTranscriber,
-            model_dir=inp.model_dir,
-            input_path=input_path or inp.input_path,
-            out_dir=inp.work_dir / f"out-naive-{tag}",
-            read=_read_texts,
-        )
-    if system in ("pipeline", "pipeline_bs1"):
-        batch_size = cfg.batch_size if system == "pipeline" else 1
-        return harness.run_in_process(
-            system,
-            cfg,
-            construct=lambda: _pipeline(cfg, inp, batch_size=batch_size),
-            items=inp.items,
-            parse=lambda out: (list(out), []),
-            extra={"batch_size": batch_size},
-        )
-    return harness.run_model_only(cfg, _ModelOnly(cfg, inp), rows=len(inp.items))
+        },
+        read=_read_texts,
+        udf=_NaiveTranscriber,
+        in_process={"pipeline": pipeline(cfg.batch_size), "pipeline_bs1": pipeline(1)},
+        model_only=_ModelOnly(cfg, inp),
+    )
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -351,10 +334,7 @@ def run_benchmark(
         cfg,
         name=NAME,
         systems=SYSTEMS,
-        run_system=lambda system, tag, path: _run_system(cfg, inp, system, tag, path),
-        inputs=inp,
-        # One replica + one read task + one commit task always fit (as pipeline.execute sizes it).
-        ray_cpus=max(os.cpu_count() or 1, 3),
+        run=_systems(cfg, inp),
         describe={
             "model": {
                 "name": cfg.model,
@@ -429,11 +409,7 @@ def report(payload: dict[str, Any], cfg: BenchConfig) -> int:
         print(f"  {name:<12} steady audio-s/s (per repeat): {audio}")
     print(f"texts, pairwise agreement: {payload['agreement_pairwise']}")
     exact = "pipeline_bs1" if "pipeline_bs1" in cfg.systems else "model_only"
-    got = harness.pair_agreement(payload, exact, "shardwise")
-    if got is not None and got < cfg.min_agreement:
-        print(f"FAILED: shardwise's texts agree with {exact}'s on {got:.2%} of clips", file=sys.stderr)
-        return 1
-    return 0
+    return harness.check_agreement(payload, against=exact, minimum=cfg.min_agreement, items="clips")
 
 
 if __name__ == "__main__":

@@ -283,47 +283,29 @@ class _ModelOnly:
         return texts, []
 
 
-def _run_system(
-    cfg: GenBenchConfig, inp: harness.BenchInputs, system: str, tag: str, input_path: Path | None
-) -> SystemRun:
-    if system == "shardwise":
-        stage = {
+def _systems(cfg: GenBenchConfig, inp: harness.BenchInputs) -> harness.Systems:
+    field = cfg.output_field()
+    return harness.Systems(
+        inputs=inp,
+        job=f"bench-{cfg.name}",
+        stage={
             "name": "gen",
             "task": cfg.task,
             "model": str(inp.model_dir),
             "inputs": {"text": "text"},
             "params": cfg.params(),
-        }
-        spec = harness.shardwise_spec(
-            cfg,
-            job=f"bench-{cfg.name}",
-            stage=stage,
-            input_path=input_path or inp.input_path,
-            out_uri=inp.work_dir / f"out-shardwise-{tag}",
-        )
-        field = cfg.output_field()
-        return harness.run_shardwise(
-            cfg, spec, read=lambda uri, n: (harness.read_by_id(uri, n, {field: ""})[0], [])
-        )
-    if system == "naive_ray":
-        return harness.run_naive_ray(
-            cfg,
-            _NaiveGenerator,
-            model_dir=inp.model_dir,
-            input_path=input_path or inp.input_path,
-            out_dir=inp.work_dir / f"out-naive-{tag}",
-            read=lambda uri, n: (harness.read_by_id(uri, n, {"text_out": ""})[0], []),
-            udf_kwargs={"task": cfg.task, "params": cfg.params()},
-        )
-    if system == "pipeline":
-        return harness.run_in_process(
-            "pipeline",
-            cfg,
-            construct=lambda: _pipeline_callable(cfg, inp.model_dir),
-            items=inp.items,
-            parse=lambda out: (list(out), []),
-        )
-    return harness.run_model_only(cfg, _ModelOnly(cfg, inp), rows=len(inp.items))
+        },
+        read=lambda uri, n: (harness.read_by_id(uri, n, {field: ""})[0], []),
+        udf=_NaiveGenerator,
+        udf_kwargs={"task": cfg.task, "params": cfg.params()},
+        read_naive=lambda uri, n: (harness.read_by_id(uri, n, {"text_out": ""})[0], []),
+        in_process={
+            "pipeline": harness.InProcess(
+                construct=lambda: _pipeline_callable(cfg, inp.model_dir), parse=lambda out: (list(out), [])
+            )
+        },
+        model_only=_ModelOnly(cfg, inp),
+    )
 
 
 def run_benchmark(
@@ -356,8 +338,7 @@ def run_benchmark(
         cfg,
         name=cfg.name,
         systems=SYSTEMS,
-        run_system=lambda system, tag, path: _run_system(cfg, inp, system, tag, path),
-        inputs=inp,
+        run=_systems(cfg, inp),
         ray_cpus=max(4, os.cpu_count() or 1),
         describe={
             "params": cfg.params(),

@@ -5,7 +5,7 @@ JSON payload with its agreement figures.
 
 A benchmark module keeps only what is particular to it: its model and data, the shardwise stage, the
 `transformers.pipeline` call, the naive Ray Data UDF and the model-only loop. It hands those to
-`run_benchmark` as one `run_system(system, tag, input_path)` function.
+`run_benchmark` as one `Systems`.
 
 Steady-state rates (startup excluded) are measured the same way for every benchmark:
     shardwise    rows after the first committed shard / (last commit − first commit)   [manifest times]
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,7 +47,10 @@ __all__ = [
     "RAY_SYSTEMS",
     "BenchInputs",
     "HarnessConfig",
+    "InProcess",
+    "Systems",
     "add_common_args",
+    "check_agreement",
     "config_from_args",
     "embedded_ray",
     "pair_agreement",
@@ -391,6 +395,60 @@ def run_model_only(cfg: HarnessConfig, loop: ModelOnly, *, rows: int) -> SystemR
     )
 
 
+@dataclass(frozen=True)
+class InProcess:
+    """An in-process system for `run_in_process`: `construct`, `parse` and extra figures."""
+
+    construct: Callable[[], Callable[[Sequence[Any]], Sequence[Any]]]
+    parse: Callable[[Sequence[Any]], Outputs]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Systems:
+    """What a benchmark hands `run_benchmark`: its shardwise job (`job`, `stage`, outputs read with
+    `read`), its naive Ray Data UDF (outputs read with `read_naive`, default `read`), its in-process systems
+    by name and its model-only loop."""
+
+    inputs: BenchInputs
+    job: str
+    stage: Mapping[str, Any]
+    read: Callable[[Path, int], Outputs]
+    udf: type
+    in_process: Mapping[str, InProcess]
+    model_only: ModelOnly
+    udf_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    read_naive: Callable[[Path, int], Outputs] | None = None
+    shardwise_extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def spec(self, cfg: HarnessConfig, *, input_path: Path, out_uri: Path) -> Any:
+        return shardwise_spec(cfg, job=self.job, stage=self.stage, input_path=input_path, out_uri=out_uri)
+
+    def run(self, cfg: HarnessConfig, system: str, tag: str, input_path: Path | None) -> SystemRun:
+        """Run `system` once over all inputs (`input_path` None) or over the Parquet file at `input_path`."""
+        inp = self.inputs
+        path = input_path or inp.input_path
+        if system == "shardwise":
+            spec = self.spec(cfg, input_path=path, out_uri=inp.work_dir / f"out-shardwise-{tag}")
+            return run_shardwise(cfg, spec, read=self.read, extra=self.shardwise_extra)
+        if system == "naive_ray":
+            return run_naive_ray(
+                cfg,
+                self.udf,
+                model_dir=inp.model_dir,
+                input_path=path,
+                out_dir=inp.work_dir / f"out-naive-{tag}",
+                read=self.read_naive or self.read,
+                udf_kwargs=self.udf_kwargs,
+            )
+        if system == "model_only":
+            return run_model_only(cfg, self.model_only, rows=len(inp.items))
+        p = self.in_process[system]
+        return run_in_process(
+            system, cfg, construct=p.construct, items=inp.items, parse=p.parse, extra=p.extra
+        )
+
+
 # -------------------------------------------------------------------------------------------------------
 # The run
 
@@ -429,18 +487,14 @@ def embedded_ray(
             ray.shutdown()
 
 
-RunSystem = Callable[[str, str, "Path | None"], SystemRun]
-
-
 def run_benchmark(
     cfg: HarnessConfig,
     *,
     name: str,
     systems: Sequence[str],
-    run_system: RunSystem,
-    inputs: BenchInputs,
-    ray_cpus: int,
+    run: Systems,
     describe: Mapping[str, Any],
+    ray_cpus: int | None = None,
     results_dir: Path | None = None,
     log: Callable[[str], Any] = print,
     reference: str = "pipeline",
@@ -451,18 +505,26 @@ def run_benchmark(
     """Run every system of `cfg.systems`, in the order of `systems`, `cfg.repeats` times; write the JSON;
     return (payload, path).
 
-    `run_system(system, tag, input_path)` runs one system once (`input_path` None: all inputs; the Ray
-    systems' warm-up passes `inputs.warmup_path`). The Ray systems run on the embedded cluster already
-    initialized, else on one started here with `ray_cpus` logical CPUs (`embedded_ray`). `describe` adds
+    `run` runs one system once (the Ray systems' warm-up over `run.inputs.warmup_path`). The Ray systems run
+    on the embedded cluster already initialized, else on one started here with `ray_cpus` logical CPUs
+    (default: what the shardwise job needs, `pipeline.execute.embedded_cpus`; `embedded_ray`). `describe` adds
     the benchmark's own payload fields (model, data, ...); `per_run` adds figures to a run's `extra` and
     returns a suffix for its log line."""
     import torch
+
+    from pipeline.bind import bind
+    from pipeline.execute import embedded_cpus
 
     unknown = sorted(set(cfg.systems) - set(systems))
     if unknown:
         raise ValueError(f"unknown systems {unknown}; available: {list(systems)}")
     torch.set_num_threads(cfg.threads)
     uses_ray = any(s in cfg.systems for s in RAY_SYSTEMS)
+    if ray_cpus is None:
+        inp = run.inputs
+        ray_cpus = embedded_cpus(
+            bind(run.spec(cfg, input_path=inp.input_path, out_uri=inp.work_dir / "unused"))
+        )
     runs: list[SystemRun] = []
     with embedded_ray(
         needed=uses_ray,
@@ -475,22 +537,22 @@ def run_benchmark(
             for system in RAY_SYSTEMS:
                 if system in cfg.systems:
                     log(f"warm-up: {system}")
-                    run_system(system, "warmup", inputs.warmup_path)
+                    run.run(cfg, system, "warmup", run.inputs.warmup_path)
         for rep in range(cfg.repeats):
             for system in systems:
                 if system not in cfg.systems:
                     continue
                 load = os.getloadavg()[0]
                 with CpuMeter() as meter:
-                    run = run_system(system, str(rep), None)
-                run.cpu_s, run.load_1m = meter.cpu_s, load
-                suffix = per_run(run) if per_run is not None else ""
+                    one = run.run(cfg, system, str(rep), None)
+                one.cpu_s, one.load_1m = meter.cpu_s, load
+                suffix = per_run(one) if per_run is not None else ""
                 log(
-                    f"repeat {rep + 1}/{cfg.repeats} {system:<12} {run.rows_per_s:8.2f} {unit}/s  steady "
-                    f"{run.steady_rows_per_s:8.2f} {unit}/s{suffix}  startup {run.startup_s:6.2f} s  "
-                    f"cpu {run.cpu_s or 0:6.1f} s  load {load:.1f}"
+                    f"repeat {rep + 1}/{cfg.repeats} {system:<12} {one.rows_per_s:8.2f} {unit}/s  steady "
+                    f"{one.steady_rows_per_s:8.2f} {unit}/s{suffix}  startup {one.startup_s:6.2f} s  "
+                    f"cpu {one.cpu_s or 0:6.1f} s  load {load:.1f}"
                 )
-                runs.append(run)
+                runs.append(one)
 
     last = {r.name: r for r in runs}  # outputs of each system's last repeat
     reference = reference if reference in last else next(iter(last))
@@ -524,6 +586,19 @@ def pair_agreement(payload: Mapping[str, Any], a: str, b: str) -> float | None:
     """The pairwise agreement of systems `a` and `b` in a payload, whichever order it was recorded in."""
     pairs = payload["agreement_pairwise"]
     return pairs.get(f"{a}_vs_{b}", pairs.get(f"{b}_vs_{a}"))
+
+
+def check_agreement(payload: Mapping[str, Any], *, against: str, minimum: float, items: str = "rows") -> int:
+    """1 (and a FAILED line on stderr) when shardwise's outputs agree with `against`'s on fewer than
+    `minimum` of the rows; 0 when they agree enough or either system did not run."""
+    got = pair_agreement(payload, against, "shardwise")
+    if got is not None and got < minimum:
+        print(
+            f"FAILED: shardwise's outputs agree with {against}'s on {got:.2%} of {items}, below {minimum:.0%}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import tempfile
 import time
@@ -44,7 +43,6 @@ from typing import Any, Literal
 import numpy as np
 
 from bench import harness
-from bench.common import SystemRun
 
 __all__ = ["MODELS", "SYSTEMS", "BenchConfig", "build_images", "main", "prepare_model", "run_benchmark"]
 
@@ -240,42 +238,26 @@ class _ModelOnly:
         return [id2label[int(i)] for i in probs.argmax(-1)], probs.max(-1).astype(float).tolist()
 
 
-def _run_system(
-    cfg: BenchConfig, inp: harness.BenchInputs, system: str, tag: str, input_path: Path | None
-) -> SystemRun:
-    if system == "shardwise":
-        stage = {
+def _systems(cfg: BenchConfig, inp: harness.BenchInputs) -> harness.Systems:
+    return harness.Systems(
+        inputs=inp,
+        job="bench-image-classification",
+        stage={
             "name": "classify",
             "task": "image-classification",
             "model": str(inp.model_dir),
             "inputs": {"image": "image"},
-        }
-        spec = harness.shardwise_spec(
-            cfg,
-            job="bench-image-classification",
-            stage=stage,
-            input_path=input_path or inp.input_path,
-            out_uri=inp.work_dir / f"out-shardwise-{tag}",
-        )
-        return harness.run_shardwise(cfg, spec, read=_read_labels)
-    if system == "naive_ray":
-        return harness.run_naive_ray(
-            cfg,
-            _NaiveClassifier,
-            model_dir=inp.model_dir,
-            input_path=input_path or inp.input_path,
-            out_dir=inp.work_dir / f"out-naive-{tag}",
-            read=_read_labels,
-        )
-    if system == "pipeline":
-        return harness.run_in_process(
-            "pipeline",
-            cfg,
-            construct=lambda: _pipeline(cfg, inp),
-            items=inp.items,
-            parse=lambda out: ([o[0]["label"] for o in out], [float(o[0]["score"]) for o in out]),
-        )
-    return harness.run_model_only(cfg, _ModelOnly(cfg, inp), rows=len(inp.items))
+        },
+        read=_read_labels,
+        udf=_NaiveClassifier,
+        in_process={
+            "pipeline": harness.InProcess(
+                construct=lambda: _pipeline(cfg, inp),
+                parse=lambda out: ([o[0]["label"] for o in out], [float(o[0]["score"]) for o in out]),
+            )
+        },
+        model_only=_ModelOnly(cfg, inp),
+    )
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -302,10 +284,7 @@ def run_benchmark(
         cfg,
         name=NAME,
         systems=SYSTEMS,
-        run_system=lambda system, tag, path: _run_system(cfg, inp, system, tag, path),
-        inputs=inp,
-        # One replica + one read task + one commit task always fit (as pipeline.execute sizes it).
-        ray_cpus=max(os.cpu_count() or 1, 3),
+        run=_systems(cfg, inp),
         describe={
             "model": {
                 "name": cfg.model,
@@ -367,11 +346,7 @@ def report(payload: dict[str, Any], cfg: BenchConfig) -> int:
         f"{mo['layers']} layers) · {d['images']} JPEGs, longer side {d['longer_side_px'][0]}–"
         f"{d['longer_side_px'][1]} px, mean {d['jpeg_kb_mean']} KB",
     )
-    got = payload["agreement_vs_reference"].get("shardwise")
-    if got is not None and payload["reference"] == REFERENCE and got < cfg.min_agreement:
-        print(f"FAILED: shardwise agrees with the pipeline on {got:.2%} of images", file=sys.stderr)
-        return 1
-    return 0
+    return harness.check_agreement(payload, against=REFERENCE, minimum=cfg.min_agreement, items="images")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from bench import harness
-from bench.common import SystemRun, build_texts, rt_review_pool, text_stats
+from bench.common import build_texts, rt_review_pool, text_stats
 
 __all__ = ["SYSTEMS", "BenchConfig", "main", "prepare_model", "run_benchmark"]
 
@@ -123,19 +123,6 @@ class _Inputs(harness.BenchInputs):
 
 # -------------------------------------------------------------------------------------------------------
 # The four systems
-
-
-def _shardwise_spec(cfg: BenchConfig, inp: _Inputs, *, input_path: Path, out_uri: Path) -> Any:
-    stage = {
-        "name": "classify",
-        "task": "text-classification",
-        "model": str(inp.model_dir),
-        "inputs": {"text": "text"},
-        "params": {"truncation": True, "max_length": inp.max_length},
-    }
-    return harness.shardwise_spec(
-        cfg, job="bench-text-classification", stage=stage, input_path=input_path, out_uri=out_uri
-    )
 
 
 def _pipeline(cfg: BenchConfig, inp: _Inputs) -> Any:
@@ -245,34 +232,32 @@ class _ModelOnly:
         return labels, scores
 
 
-def _run_system(cfg: BenchConfig, inp: _Inputs, system: str, tag: str, input_path: Path | None) -> SystemRun:
-    if system == "shardwise":
-        out_uri = inp.work_dir / f"out-shardwise-{tag}"
-        spec = _shardwise_spec(cfg, inp, input_path=input_path or inp.input_path, out_uri=out_uri)
-        extra = {
+def _systems(cfg: BenchConfig, inp: _Inputs) -> harness.Systems:
+    return harness.Systems(
+        inputs=inp,
+        job="bench-text-classification",
+        stage={
+            "name": "classify",
+            "task": "text-classification",
+            "model": str(inp.model_dir),
+            "inputs": {"text": "text"},
+            "params": {"truncation": True, "max_length": inp.max_length},
+        },
+        read=_read_labels,
+        shardwise_extra={
             "replica_threads": cfg.threads if cfg.device == "cpu" else None,
             "max_batch_tokens": cfg.max_batch_tokens,
-        }
-        return harness.run_shardwise(cfg, spec, read=_read_labels, extra=extra)
-    if system == "naive_ray":
-        return harness.run_naive_ray(
-            cfg,
-            _NaiveClassifier,
-            model_dir=inp.model_dir,
-            input_path=input_path or inp.input_path,
-            out_dir=inp.work_dir / f"out-naive-{tag}",
-            read=_read_labels,
-            udf_kwargs={"max_length": inp.max_length},
-        )
-    if system == "pipeline":
-        return harness.run_in_process(
-            "pipeline",
-            cfg,
-            construct=lambda: _pipeline(cfg, inp),
-            items=inp.items,
-            parse=lambda out: ([o["label"] for o in out], [float(o["score"]) for o in out]),
-        )
-    return harness.run_model_only(cfg, _ModelOnly(cfg, inp), rows=len(inp.items))
+        },
+        udf=_NaiveClassifier,
+        udf_kwargs={"max_length": inp.max_length},
+        in_process={
+            "pipeline": harness.InProcess(
+                construct=lambda: _pipeline(cfg, inp),
+                parse=lambda out: ([o["label"] for o in out], [float(o["score"]) for o in out]),
+            )
+        },
+        model_only=_ModelOnly(cfg, inp),
+    )
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -293,8 +278,6 @@ def run_benchmark(
     from transformers import AutoConfig, AutoTokenizer
 
     from models.text_classification import effective_max_length
-    from pipeline.bind import bind
-    from pipeline.execute import embedded_cpus
 
     texts = list(texts)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -307,15 +290,12 @@ def run_benchmark(
         model_dir, texts, column="text", work_dir=work_dir, warmup_rows=cfg.warmup_rows
     )
     inp = _Inputs(**vars(base), input_ids=input_ids, max_length=max_length)
-    spec = _shardwise_spec(cfg, inp, input_path=inp.input_path, out_uri=work_dir / "unused")
     shape = ("model_type", "hidden_size", "num_hidden_layers", "num_labels")
     return harness.run_benchmark(
         cfg,
         name=NAME,
         systems=SYSTEMS,
-        run_system=lambda system, tag, path: _run_system(cfg, inp, system, tag, path),
-        inputs=inp,
-        ray_cpus=embedded_cpus(bind(spec)),
+        run=_systems(cfg, inp),
         describe={
             "model": {
                 "size": cfg.model_size,
@@ -372,14 +352,7 @@ def report(payload: dict[str, Any], cfg: BenchConfig) -> int:
         f"· {d['rows']} texts, {d['words']['min']}–{d['words']['max']} words (mean {d['words']['mean']}), "
         f"mean {d['tokens']['mean']} tokens",
     )
-    got = payload["agreement_vs_reference"].get("shardwise")
-    if got is not None and payload["reference"] == REFERENCE and got < cfg.min_agreement:
-        print(
-            f"FAILED: shardwise agrees with the pipeline on {got:.2%} of rows, below {cfg.min_agreement:.0%}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return harness.check_agreement(payload, against=REFERENCE, minimum=cfg.min_agreement, items="rows")
 
 
 if __name__ == "__main__":
