@@ -237,25 +237,14 @@ def run_shardwise(
     result = run_inference(spec, overwrite=True, progress=False)
     wall = time.time() - started
     shards = committed_shards(result.output_uri, result.run_id)
-    events = sorted((s["committed_at"], s["rows_in"]) for s in shards)
-    rows = sum(s["rows_in"] for s in shards)
-    steady = steady_rate(events)
-    labels, scores = read(Path(result.output_uri), rows)
-    return SystemRun(
+    return _ray_run(
         "shardwise",
-        rows,
-        wall,
-        steady if steady is not None else rows / wall,
-        labels,
-        scores,
-        extra={
-            "shards": len(shards),
-            "shard_rows": cfg.shard_rows,
-            "first_commit_s": round(events[0][0] - started, 3) if events else None,
-            "last_commit_s": round(events[-1][0] - started, 3) if events else None,
-            "rows_error": result.rows_error,
-            **extra,
-        },
+        started=started,
+        wall=wall,
+        events=[(s["committed_at"], s["rows_in"]) for s in shards],
+        read=lambda rows: read(Path(result.output_uri), rows),
+        window=("first_commit_s", "last_commit_s"),
+        extra={"shards": len(shards), "shard_rows": cfg.shard_rows, "rows_error": result.rows_error, **extra},
     )
 
 
@@ -296,19 +285,43 @@ def run_naive_ray(
     wall = time.time() - started
     table = pads.dataset(str(out_dir), format="parquet").to_table(columns=["id", "batch_done_at"])
     done, counts = np.unique(table.column("batch_done_at").to_numpy(), return_counts=True)
-    rows = table.num_rows
-    steady = steady_rate(list(zip(done.tolist(), counts.tolist(), strict=True)))
-    labels, scores = read(out_dir, rows)
-    return SystemRun(
+    return _ray_run(
         "naive_ray",
+        started=started,
+        wall=wall,
+        events=list(zip(done.tolist(), counts.tolist(), strict=True)),
+        read=lambda rows: read(out_dir, rows),
+        window=("first_batch_s", "last_batch_s"),
+    )
+
+
+def _ray_run(
+    name: str,
+    *,
+    started: float,
+    wall: float,
+    events: Sequence[tuple[float, int]],
+    read: Callable[[int], Outputs],
+    window: tuple[str, str],
+    extra: Mapping[str, Any] = {},
+) -> SystemRun:
+    """A Ray system's run from its (time, rows) events: rows, steady rate between the first and the last
+    event (rows / wall with fewer than two), and the events' times after `started` as `window`'s keys."""
+    events = sorted(events)
+    rows = sum(r for _, r in events)
+    steady = steady_rate(events)
+    labels, scores = read(rows)
+    return SystemRun(
+        name,
         rows,
         wall,
         steady if steady is not None else rows / wall,
         labels,
         scores,
         extra={
-            "first_batch_s": round(float(done[0]) - started, 3) if len(done) else None,
-            "last_batch_s": round(float(done[-1]) - started, 3) if len(done) else None,
+            **extra,
+            window[0]: round(events[0][0] - started, 3) if events else None,
+            window[1]: round(events[-1][0] - started, 3) if events else None,
         },
     )
 
