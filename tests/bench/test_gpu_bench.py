@@ -13,6 +13,7 @@ import pytest
 from bench import gpu
 
 
+@pytest.mark.slow  # eight Ray Data jobs (shardwise + naive per benchmark) on tiny models
 @pytest.mark.timeout(240)
 def test_tiny_cpu_run_prints_positive_ratios_for_every_system(
     ray_session, tmp_path: Path, capsys: pytest.CaptureFixture[str]
