@@ -8,7 +8,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC := $(if $(HAS_GPU),torch>=2.5,torch==2.13.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all lint bench bench-generation assets clean
+.PHONY: venv demo test test-all lint bench bench-generation bench-gpu assets clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,17 @@ bench: $(STAMP)
 bench-generation: $(STAMP)
 	$(PY) -m bench.generation --task text-generation
 	$(PY) -m bench.generation --task summarization
+
+# The four benchmarks at base size on CUDA against ../shared/GPU.md's anchors. Packs what the GPU machine
+# lacks into .device/ (Ray and audio wheels, reviews, photos, speech), then runs where a GPU is visible;
+# elsewhere prints the device command (bash bench/gpu.sh with .device carried).
+bench-gpu: $(STAMP)
+	test -f .device/site.tgz -a -f .device/bench-assets/texts.parquet || $(PY) -m bench.gpu pack
+ifeq ($(HAS_GPU),1)
+	$(PY) -m bench.gpu run
+else
+	@echo "no GPU here: run 'bash bench/gpu.sh' on the GPU machine with .device carried (device tool: carry [\".device\"])"
+endif
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,7 +2,9 @@
 
     python -m bench.text_classification [--rows N] [--batch-size B] [--repeats R] [--model-size base]
 
-Each benchmark prints a table and writes JSON to `bench/results/` (ignored by git).
+Each benchmark prints a table and writes JSON to `bench/results/` (ignored by git). The four side-by-side
+benchmarks (text_classification, image_classification, asr, generation) run through `bench.harness`;
+`bench.gpu` (`make bench-gpu`) runs them at base size on CUDA against the anchors of ../shared/GPU.md.
 """
 
 __all__: list[str] = []

@@ -40,30 +40,19 @@ pipeline_bs1's (or, without it, model_only's) on fewer than 99% of clips.
 from __future__ import annotations
 
 import argparse
-import gc
 import io
-import os
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from bench.common import (
-    CpuMeter,
-    SystemRun,
-    agreement,
-    committed_shards,
-    format_table,
-    machine_info,
-    steady_rate,
-    summarize,
-    write_results,
-)
+from bench import harness
+from bench.common import SystemRun
 
 __all__ = ["MODELS", "SYSTEMS", "BenchConfig", "build_clips", "main", "prepare_model", "run_benchmark"]
 
@@ -77,41 +66,27 @@ MODELS = {
     "mini": (128, 128, 4, 4, 512, True),
     "small": (256, 256, 4, 4, 1024, True),
     "base": (512, 768, 12, 12, 3072, False),
+    "nano": (32, 32, 1, 2, 64, True),  # for smoke tests
 }
 _CHARS = list("abcdefghijklmnopqrstuvwxyz'")
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(harness.HarnessConfig):
     rows: int = 96
     batch_size: int = 8
-    repeats: int = 1
-    model: Literal["mini", "small", "base"] = "mini"
-    device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: fp32 on CPU, bf16 on CUDA
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    seed: int = 0
+    model: Literal["mini", "small", "base", "nano"] = "mini"
     min_s: float = 1.0
     max_s: float = 20.0
     # 24 clips (~4.4 min of audio) per shard: four shards for the default 96, so a steady state shows, and
     # enough clips per shard for the duration sort to leave little padding.
     shard_rows: int = 24
-    # shardwise stage max_batch_tokens (samples per micro-batch); None: batch_size only.
-    max_batch_tokens: int | None = None
     # shardwise `params.batching`: exact (masked padding where the model takes masks) | pad.
     batching: Literal["exact", "pad"] = "exact"
     warmup_rows: int = 8
     # pipeline_bs1 is off by default (it is the slowest: a run takes ~1.6× longer with it); add it with
     # --systems to check that batch 1 is not the better pipeline setting on a machine.
     systems: tuple[str, ...] = ("model_only", "pipeline", "shardwise", "naive_ray")
-    min_agreement: float = 0.99
-    # As in bench.text_classification: Ray workers at the niceness of the in-process systems.
-    ray_worker_niceness: int | None = 0
-
-    def resolved_dtype(self) -> str:
-        if self.dtype is not None:
-            return self.dtype
-        return "bfloat16" if self.device == "cuda" else "float32"
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -158,13 +133,15 @@ def prepare_model(name: str, dest: Path, *, seed: int = 0) -> Path:
     return dest
 
 
-def build_clips(n: int, *, seed: int = 0, min_s: float = 1.0, max_s: float = 20.0) -> list[bytes]:
-    """`n` FLAC clips of real speech, durations uniform in [min_s, max_s] (see the module docstring)."""
+def build_clips(
+    n: int, *, seed: int = 0, min_s: float = 1.0, max_s: float = 20.0, speech: np.ndarray | None = None
+) -> list[bytes]:
+    """`n` FLAC clips cut from `speech` (float32 samples at 16 kHz; default: `librivox_speech()`), durations
+    uniform in [min_s, max_s] (see the module docstring)."""
     import soundfile as sf
 
-    from infra.assets import fetch_librivox
-
-    speech = np.concatenate([sf.read(path, dtype="float32")[0] for path, _ in fetch_librivox()])
+    if speech is None:
+        speech = librivox_speech()
     rng = np.random.default_rng(seed)
     clips = []
     for _ in range(n):
@@ -177,6 +154,15 @@ def build_clips(n: int, *, seed: int = 0, min_s: float = 1.0, max_s: float = 20.
     return clips
 
 
+def librivox_speech() -> np.ndarray:
+    """The LibriVox utterances of `infra.assets.fetch_librivox` joined end to end (float32, 16 kHz)."""
+    import soundfile as sf
+
+    from infra.assets import fetch_librivox
+
+    return np.concatenate([sf.read(path, dtype="float32")[0] for path, _ in fetch_librivox()])
+
+
 def _decode(data: bytes) -> np.ndarray:
     import soundfile as sf
 
@@ -184,132 +170,26 @@ def _decode(data: bytes) -> np.ndarray:
     return samples
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    model_dir: Path
-    clips: list[bytes]
-    durations: list[float]
-    input_path: Path
-    warmup_path: Path
-    work_dir: Path
-
-
-def _write_inputs(path: Path, clips: Sequence[bytes]) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.table({"id": pa.array(range(len(clips)), pa.int64()), "audio": pa.array(clips, pa.binary())}), path
-    )
-    return path
-
-
-def _read_texts(uri: Path, n: int) -> list[str]:
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(str(uri), format="parquet", exclude_invalid_files=True, ignore_prefixes=["_", "."])
-    table = table.to_table(columns=["id", "text"])
-    texts = [""] * n
-    for i, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True):
-        texts[int(i)] = text
-    return texts
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
+def _read_texts(uri: Path, n: int) -> tuple[list[str], list[float]]:
+    (texts,) = harness.read_by_id(uri, n, {"text": ""})
+    return texts, []
 
 
 # -------------------------------------------------------------------------------------------------------
 # The systems
 
 
-def run_shardwise(cfg: BenchConfig, inp: _Inputs, *, tag: str, input_path: Path | None = None) -> SystemRun:
-    from pipeline.execute import run_inference
-    from pipeline.spec import parse_spec
-
-    out_uri = inp.work_dir / f"out-shardwise-{tag}"
-    stage: dict[str, Any] = {
-        "name": "asr",
-        "task": TASK,
-        "model": str(inp.model_dir),
-        "inputs": {"audio": "audio"},
-        "params": {"batching": cfg.batching},
-        "batch_size": cfg.batch_size,
-        "max_batch_tokens": cfg.max_batch_tokens,
-        "replicas": 1,
-        "dtype": cfg.resolved_dtype(),
-        "device": cfg.device,
-        "num_gpus": 1 if cfg.device == "cuda" else 0,
-    }
-    if cfg.device == "cpu" and cfg.threads != (os.cpu_count() or 1):
-        stage["num_cpus"] = float(cfg.threads)
-    spec = parse_spec(
-        {
-            "name": "bench-asr",
-            "input": {
-                "uri": str(input_path or inp.input_path),
-                "id_column": "id",
-                "shard_rows": cfg.shard_rows,
-            },
-            "stages": [stage],
-            "output": {"uri": str(out_uri), "mode": "overwrite"},
-        }
-    )
-    started = time.time()
-    result = run_inference(spec, overwrite=True, progress=False)
-    wall = time.time() - started
-    shards = committed_shards(result.output_uri, result.run_id)
-    events = sorted((s["committed_at"], s["rows_in"]) for s in shards)
-    rows = sum(s["rows_in"] for s in shards)
-    steady = steady_rate(events)
-    return SystemRun(
-        "shardwise",
-        rows,
-        wall,
-        steady if steady is not None else rows / wall,
-        _read_texts(out_uri, rows),
-        extra={"shards": len(shards), "shard_rows": cfg.shard_rows, "rows_error": result.rows_error},
-    )
-
-
-def run_pipeline(cfg: BenchConfig, inp: _Inputs, *, batch_size: int, name: str) -> SystemRun:
-    import torch
+def _pipeline(cfg: BenchConfig, inp: harness.BenchInputs, *, batch_size: int) -> Any:
     from transformers import pipeline
+
+    pipe = pipeline(
+        TASK, model=str(inp.model_dir), batch_size=batch_size, device=cfg.device, dtype=cfg.torch_dtype()
+    )
 
     def decoded(clips: Sequence[bytes]) -> Iterator[np.ndarray]:
         return (_decode(b) for b in clips)
 
-    t0 = time.perf_counter()
-    pipe = pipeline(
-        TASK,
-        model=str(inp.model_dir),
-        batch_size=batch_size,
-        device=cfg.device,
-        dtype=getattr(torch, cfg.resolved_dtype()),
-    )
-    t1 = time.perf_counter()
-    if cfg.warmup_rows:
-        list(pipe(decoded(inp.clips[: cfg.warmup_rows])))
-    _sync(cfg.device)
-    t2 = time.perf_counter()
-    out = [o["text"] for o in pipe(decoded(inp.clips))]
-    _sync(cfg.device)
-    t3 = time.perf_counter()
-    del pipe
-    gc.collect()
-    n = len(inp.clips)
-    return SystemRun(
-        name,
-        n,
-        t3 - t0,
-        n / (t3 - t2),
-        out,
-        extra={"batch_size": batch_size, "construct_s": round(t1 - t0, 3), "warmup_s": round(t2 - t1, 3)},
-    )
+    return lambda clips: [o["text"] for o in pipe(decoded(clips))]
 
 
 class _NaiveTranscriber:
@@ -345,98 +225,83 @@ class _NaiveTranscriber:
         }
 
 
-def run_naive_ray(cfg: BenchConfig, inp: _Inputs, *, tag: str, input_path: Path | None = None) -> SystemRun:
-    import pyarrow.dataset as pads
-    import ray
-
-    out_dir = inp.work_dir / f"out-naive-{tag}"
-    started = time.time()
-    ds = ray.data.read_parquet(str(input_path or inp.input_path))
-    ds = ds.map_batches(
-        _NaiveTranscriber,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        fn_constructor_args=(str(inp.model_dir),),
-        fn_constructor_kwargs={"device": cfg.device, "dtype": cfg.resolved_dtype(), "threads": cfg.threads},
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        num_cpus=0 if cfg.device == "cuda" else 1,
-        num_gpus=1 if cfg.device == "cuda" else 0,
-    )
-    ds.write_parquet(str(out_dir))
-    wall = time.time() - started
-    table = pads.dataset(str(out_dir), format="parquet").to_table(columns=["id", "batch_done_at"])
-    done, counts = np.unique(table.column("batch_done_at").to_numpy(), return_counts=True)
-    rows = table.num_rows
-    steady = steady_rate(list(zip(done.tolist(), counts.tolist(), strict=True)))
-    return SystemRun(
-        "naive_ray", rows, wall, steady if steady is not None else rows / wall, _read_texts(out_dir, rows)
-    )
-
-
-def run_model_only(cfg: BenchConfig, inp: _Inputs) -> SystemRun:
+class _ModelOnly:
     """Decoded + extracted before the clock, sorted by duration, padded with masks: forward + argmax timed;
     each clip's ids trimmed to its own frames and decoded after the clock."""
-    import torch
-    from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer
 
-    dtype = getattr(torch, cfg.resolved_dtype())
-    t0 = time.perf_counter()
-    model = AutoModelForCTC.from_pretrained(inp.model_dir, dtype=dtype).to(cfg.device).eval()
-    t1 = time.perf_counter()
-    fe = AutoFeatureExtractor.from_pretrained(inp.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(inp.model_dir)
-    features = [fe(_decode(b), sampling_rate=RATE)["input_values"][0] for b in inp.clips]
-    order = sorted(range(len(features)), key=lambda i: -len(features[i]))
-    batches = []
-    for k in range(0, len(order), cfg.batch_size):
-        idx = order[k : k + cfg.batch_size]
-        lengths = torch.tensor([len(features[i]) for i in idx])
-        x = torch.zeros(len(idx), int(lengths.max()))  # (B, T)
-        mask = torch.zeros(len(idx), int(lengths.max()), dtype=torch.long)
-        for r, i in enumerate(idx):
-            x[r, : lengths[r]] = torch.from_numpy(features[i])
-            mask[r, : lengths[r]] = 1
-        batches.append((idx, lengths, x.to(cfg.device, dtype), mask.to(cfg.device)))
-    with torch.inference_mode():
-        t2 = time.perf_counter()
-        model(input_values=batches[-1][2], attention_mask=batches[-1][3])  # warm-up: the shortest batch
-        _sync(cfg.device)
-        t3 = time.perf_counter()
-        ids = [model(input_values=x, attention_mask=m).logits.argmax(-1) for _, _, x, m in batches]
-        _sync(cfg.device)
-        t4 = time.perf_counter()
-    texts = [""] * len(order)
-    for (idx, lengths, _, _), batch_ids in zip(batches, ids, strict=True):
-        frames = model._get_feat_extract_output_lengths(lengths).tolist()
-        for r, i in enumerate(idx):
-            texts[i] = tokenizer.decode(batch_ids[r, : frames[r]].cpu().numpy())
-    del model
-    gc.collect()
-    n = len(order)
-    return SystemRun(
-        "model_only",
-        n,
-        (t1 - t0) + (t4 - t2),
-        n / (t4 - t3),
-        texts,
-        extra={"load_s": round(t1 - t0, 3), "preprocess_s (untimed)": round(t2 - t1, 3)},
+    def __init__(self, cfg: BenchConfig, inp: harness.BenchInputs) -> None:
+        self.cfg, self.inp = cfg, inp
+
+    def load(self) -> Any:
+        from transformers import AutoModelForCTC
+
+        model = AutoModelForCTC.from_pretrained(self.inp.model_dir, dtype=self.cfg.torch_dtype())
+        return model.to(self.cfg.device).eval()
+
+    def prepare(self, model: Any) -> list[Any]:
+        import torch
+        from transformers import AutoFeatureExtractor
+
+        fe = AutoFeatureExtractor.from_pretrained(self.inp.model_dir)
+        features = [fe(_decode(b), sampling_rate=RATE)["input_values"][0] for b in self.inp.items]
+        order = sorted(range(len(features)), key=lambda i: -len(features[i]))
+        batches = []
+        for k in range(0, len(order), self.cfg.batch_size):
+            idx = order[k : k + self.cfg.batch_size]
+            lengths = torch.tensor([len(features[i]) for i in idx])
+            x = torch.zeros(len(idx), int(lengths.max()))  # (B, T)
+            mask = torch.zeros(len(idx), int(lengths.max()), dtype=torch.long)
+            for r, i in enumerate(idx):
+                x[r, : lengths[r]] = torch.from_numpy(features[i])
+                mask[r, : lengths[r]] = 1
+            batches.append(
+                (idx, lengths, x.to(self.cfg.device, self.cfg.torch_dtype()), mask.to(self.cfg.device))
+            )
+        return batches
+
+    def forward(self, model: Any, batch: Any) -> Any:
+        _, _, x, mask = batch
+        return model(input_values=x, attention_mask=mask).logits.argmax(-1)
+
+    def collect(self, model: Any, batches: list[Any], outputs: list[Any]) -> tuple[list[str], list[float]]:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.inp.model_dir)
+        texts = [""] * len(self.inp.items)
+        for (idx, lengths, _, _), batch_ids in zip(batches, outputs, strict=True):
+            frames = model._get_feat_extract_output_lengths(lengths).tolist()
+            for r, i in enumerate(idx):
+                texts[i] = tokenizer.decode(batch_ids[r, : frames[r]].cpu().numpy())
+        return texts, []
+
+
+def _systems(cfg: BenchConfig, inp: harness.BenchInputs) -> harness.Systems:
+    def pipeline(batch_size: int) -> harness.InProcess:
+        return harness.InProcess(
+            construct=lambda: _pipeline(cfg, inp, batch_size=batch_size),
+            parse=lambda out: (list(out), []),
+            extra={"batch_size": batch_size},
+        )
+
+    return harness.Systems(
+        inputs=inp,
+        job="bench-asr",
+        stage={
+            "name": "asr",
+            "task": TASK,
+            "model": str(inp.model_dir),
+            "inputs": {"audio": "audio"},
+            "params": {"batching": cfg.batching},
+        },
+        read=_read_texts,
+        udf=_NaiveTranscriber,
+        in_process={"pipeline": pipeline(cfg.batch_size), "pipeline_bs1": pipeline(1)},
+        model_only=_ModelOnly(cfg, inp),
     )
 
 
 # -------------------------------------------------------------------------------------------------------
 # The run
-
-
-def _run_system(system: str, cfg: BenchConfig, inp: _Inputs, *, tag: str) -> SystemRun:
-    if system == "shardwise":
-        return run_shardwise(cfg, inp, tag=tag)
-    if system == "naive_ray":
-        return run_naive_ray(cfg, inp, tag=tag)
-    if system == "pipeline":
-        return run_pipeline(cfg, inp, batch_size=cfg.batch_size, name="pipeline")
-    if system == "pipeline_bs1":
-        return run_pipeline(cfg, inp, batch_size=1, name="pipeline_bs1")
-    return run_model_only(cfg, inp)
 
 
 def run_benchmark(
@@ -449,115 +314,51 @@ def run_benchmark(
     log: Any = print,
 ) -> tuple[dict[str, Any], Path]:
     """Run every system in `cfg.systems` `cfg.repeats` times; write the JSON; return (payload, path)."""
-    import ray
-    import torch
-
-    from pipeline.execute import init_ray
-
-    unknown = sorted(set(cfg.systems) - set(SYSTEMS))
-    if unknown:
-        raise ValueError(f"unknown systems {unknown}; available: {list(SYSTEMS)}")
-    torch.set_num_threads(cfg.threads)
-    clips = list(clips)
-    durations = [len(_decode(b)) / RATE for b in clips]
-    inp = _Inputs(
-        model_dir=Path(model_dir),
-        clips=clips,
-        durations=durations,
-        input_path=_write_inputs(work_dir / "input" / "clips.parquet", clips),
-        warmup_path=_write_inputs(work_dir / "warmup" / "clips.parquet", clips[: max(1, cfg.warmup_rows)]),
-        work_dir=work_dir,
-    )
-    uses_ray = any(s in cfg.systems for s in ("shardwise", "naive_ray"))
-    own_ray = uses_ray and not ray.is_initialized()
-    if own_ray:
-        saved = os.environ.get("RAY_worker_niceness")
-        if cfg.ray_worker_niceness is not None:
-            os.environ["RAY_worker_niceness"] = str(cfg.ray_worker_niceness)
-        try:
-            # One replica + one read task + one commit task always fit (as pipeline.execute sizes it).
-            init_ray(
-                address=None,
-                num_cpus=max(os.cpu_count() or 1, 3),
-                num_gpus=1 if cfg.device == "cuda" else None,
-            )
-        finally:
-            if saved is None:
-                os.environ.pop("RAY_worker_niceness", None)
-            else:
-                os.environ["RAY_worker_niceness"] = saved
-    machine = machine_info(device=cfg.device, torch_threads=cfg.threads)
-    mean_s = float(np.mean(durations))
-    runs: list[SystemRun] = []
-    try:
-        if cfg.warmup_rows:
-            if "shardwise" in cfg.systems:
-                log("warm-up: shardwise")
-                run_shardwise(cfg, inp, tag="warmup", input_path=inp.warmup_path)
-            if "naive_ray" in cfg.systems:
-                log("warm-up: naive_ray")
-                run_naive_ray(cfg, inp, tag="warmup", input_path=inp.warmup_path)
-        for rep in range(cfg.repeats):
-            for system in SYSTEMS:
-                if system not in cfg.systems:
-                    continue
-                load = os.getloadavg()[0]
-                with CpuMeter() as meter:
-                    run = _run_system(system, cfg, inp, tag=str(rep))
-                run.cpu_s, run.load_1m = meter.cpu_s, load
-                run.extra["audio_s_per_s"] = round(run.rows_per_s * mean_s, 2)
-                run.extra["steady_audio_s_per_s"] = round(run.steady_rows_per_s * mean_s, 2)
-                log(
-                    f"repeat {rep + 1}/{cfg.repeats} {system:<12} {run.rows_per_s:7.2f} clips/s  steady "
-                    f"{run.steady_rows_per_s:7.2f} clips/s ({run.steady_rows_per_s * mean_s:7.1f} audio-s/s)  "
-                    f"startup {run.startup_s:6.2f} s  cpu {run.cpu_s or 0:6.1f} s  load {load:.1f}"
-                )
-                runs.append(run)
-    finally:
-        if own_ray:
-            ray.shutdown()
-
-    last = {r.name: r for r in runs}
-    reference = REFERENCE if REFERENCE in last else next(iter(last))
-    agree = {name: round(agreement(r.labels, last[reference].labels), 5) for name, r in last.items()}
-    pairwise = {
-        f"{a}_vs_{b}": round(agreement(last[a].labels, last[b].labels), 5)
-        for i, a in enumerate(last)
-        for b in list(last)[i + 1 :]
-    }
-    conv, hidden, layers, heads, ffn, layer_norm = MODELS[cfg.model]
     from transformers import AutoModelForCTC
 
+    clips = list(clips)
+    durations = [len(_decode(b)) / RATE for b in clips]
+    mean_s = float(np.mean(durations))
+    inp = harness.bench_inputs(
+        model_dir, clips, column="audio", work_dir=work_dir, warmup_rows=cfg.warmup_rows, binary=True
+    )
+
+    def audio_rates(run: SystemRun) -> str:
+        run.extra["audio_s_per_s"] = round(run.rows_per_s * mean_s, 2)
+        run.extra["steady_audio_s_per_s"] = round(run.steady_rows_per_s * mean_s, 2)
+        return f" ({run.steady_rows_per_s * mean_s:7.1f} audio-s/s)"
+
+    conv, hidden, layers, heads, ffn, layer_norm = MODELS[cfg.model]
     params = sum(p.numel() for p in AutoModelForCTC.from_pretrained(model_dir).parameters())
-    payload: dict[str, Any] = {
-        "benchmark": NAME,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": {**asdict(cfg), "dtype": cfg.resolved_dtype()},
-        "machine": machine,
-        "model": {
-            "name": cfg.model,
-            "conv_channels": conv,
-            "hidden": hidden,
-            "layers": layers,
-            "heads": heads,
-            "ffn": ffn,
-            "feat_extract_norm": "layer" if layer_norm else "group",
-            "parameters_m": round(params / 1e6, 2),
+    return harness.run_benchmark(
+        cfg,
+        name=NAME,
+        systems=SYSTEMS,
+        run=_systems(cfg, inp),
+        describe={
+            "model": {
+                "name": cfg.model,
+                "conv_channels": conv,
+                "hidden": hidden,
+                "layers": layers,
+                "heads": heads,
+                "ffn": ffn,
+                "feat_extract_norm": "layer" if layer_norm else "group",
+                "parameters_m": round(params / 1e6, 2),
+            },
+            "data": {
+                "clips": len(clips),
+                "audio_s": round(sum(durations), 1),
+                "duration_s": [round(min(durations), 2), round(mean_s, 2), round(max(durations), 2)],
+                "flac_kb_mean": round(float(np.mean([len(b) for b in clips])) / 1024, 1),
+            },
         },
-        "data": {
-            "clips": len(clips),
-            "audio_s": round(sum(durations), 1),
-            "duration_s": [round(min(durations), 2), round(mean_s, 2), round(max(durations), 2)],
-            "flac_kb_mean": round(float(np.mean([len(b) for b in clips])) / 1024, 1),
-        },
-        "reference": reference,
-        "systems": summarize(runs, reference=reference),
-        "agreement_vs_reference": agree,
-        "agreement_pairwise": pairwise,
-    }
-    path = write_results(payload, name=NAME, out_dir=results_dir)
-    payload["results_path"] = str(path)
-    return payload, path
+        results_dir=results_dir,
+        log=log,
+        reference=REFERENCE,
+        unit="clips",
+        per_run=audio_rates,
+    )
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -567,48 +368,12 @@ def run_benchmark(
 def _parse_args(argv: Sequence[str] | None) -> BenchConfig:
     d = BenchConfig()
     p = argparse.ArgumentParser(prog="python -m bench.asr", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=d.rows, help="clips (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--repeats", type=int, default=d.repeats)
+    harness.add_common_args(p, d, SYSTEMS)
     p.add_argument("--model", choices=list(MODELS), default=d.model)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=d.device)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--min-s", type=float, default=d.min_s)
     p.add_argument("--max-s", type=float, default=d.max_s)
-    p.add_argument("--shard-rows", type=int, default=d.shard_rows)
-    p.add_argument("--max-batch-tokens", type=int, default=None, help="shardwise: samples per micro-batch")
     p.add_argument("--batching", choices=["exact", "pad"], default=d.batching)
-    p.add_argument("--warmup-rows", type=int, default=d.warmup_rows)
-    p.add_argument("--systems", default=",".join(d.systems), help=f"comma-separated subset of {SYSTEMS}")
-    p.add_argument("--min-agreement", type=float, default=d.min_agreement)
-    p.add_argument("--ray-worker-niceness", type=int, default=d.ray_worker_niceness)
-    a = p.parse_args(argv)
-    systems = tuple(s.strip() for s in a.systems.split(",") if s.strip())
-    bad = sorted(set(systems) - set(SYSTEMS))
-    if bad:
-        p.error(f"unknown systems {bad}; available: {', '.join(SYSTEMS)}")
-    return replace(
-        d,
-        rows=a.rows,
-        batch_size=a.batch_size,
-        repeats=a.repeats,
-        model=a.model,
-        device=a.device,
-        dtype=a.dtype,
-        threads=a.threads,
-        seed=a.seed,
-        min_s=a.min_s,
-        max_s=a.max_s,
-        shard_rows=a.shard_rows,
-        max_batch_tokens=a.max_batch_tokens,
-        batching=a.batching,
-        warmup_rows=a.warmup_rows,
-        systems=systems,
-        min_agreement=a.min_agreement,
-        ray_worker_niceness=a.ray_worker_niceness,
-    )
+    return harness.config_from_args(p, p.parse_args(argv), d, SYSTEMS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -622,36 +387,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"preparing {cfg.model} and {cfg.rows} FLAC clips in {work}", file=sys.stderr)
         model_dir = prepare_model(cfg.model, work / "model", seed=cfg.seed)
         clips = build_clips(cfg.rows, seed=cfg.seed, min_s=cfg.min_s, max_s=cfg.max_s)
-        payload, path = run_benchmark(
+        payload, _ = run_benchmark(
             cfg, model_dir=model_dir, clips=clips, work_dir=work, log=lambda m: print(m, file=sys.stderr)
         )
-    m, d, mo = payload["machine"], payload["data"], payload["model"]
-    print(
-        f"\nautomatic-speech-recognition · {mo['name']} Wav2Vec2 CTC (conv 7×{mo['conv_channels']}, hidden "
-        f"{mo['hidden']}, {mo['layers']} layers, {mo['feat_extract_norm']} norm, {mo['parameters_m']} M params) · "
-        f"{d['clips']} FLAC clips, {d['duration_s'][0]}–{d['duration_s'][2]} s (mean {d['duration_s'][1]} s, "
-        f"{d['audio_s']} s in all) · batch {cfg.batch_size} · {m['device']}, {m['cpu_count']} cores, torch "
-        f"threads {m['torch_threads']} · medians of {cfg.repeats} repeat(s)\n"
-    )
-    print(
-        format_table(
-            payload["systems"],
-            reference=payload["reference"],
-            agreement_vs_reference=payload["agreement_vs_reference"],
-        )
+    return report(payload, cfg)
+
+
+def report(payload: dict[str, Any], cfg: BenchConfig) -> int:
+    """Print the table; 1 when shardwise's texts agree with pipeline_bs1's (else model_only's) on too few
+    clips."""
+    d, mo = payload["data"], payload["model"]
+    harness.print_report(
+        payload,
+        header=f"automatic-speech-recognition · {mo['name']} Wav2Vec2 CTC (conv 7×{mo['conv_channels']}, hidden "
+        f"{mo['hidden']}, {mo['layers']} layers, {mo['feat_extract_norm']} norm, {mo['parameters_m']} M params) "
+        f"· {d['clips']} FLAC clips, {d['duration_s'][0]}–{d['duration_s'][2]} s (mean {d['duration_s'][1]} s, "
+        f"{d['audio_s']} s in all)",
     )
     for name, fig in payload["systems"].items():
         audio = [r["extra"].get("steady_audio_s_per_s") for r in fig["repeats"]]
         print(f"  {name:<12} steady audio-s/s (per repeat): {audio}")
     print(f"texts, pairwise agreement: {payload['agreement_pairwise']}")
-    print(f"results: {path}")
     exact = "pipeline_bs1" if "pipeline_bs1" in cfg.systems else "model_only"
-    key = f"{exact}_vs_shardwise" if f"{exact}_vs_shardwise" in payload["agreement_pairwise"] else None
-    got = payload["agreement_pairwise"].get(key) if key else None
-    if got is not None and got < cfg.min_agreement:
-        print(f"FAILED: shardwise's texts agree with {exact}'s on {got:.2%} of clips", file=sys.stderr)
-        return 1
-    return 0
+    return harness.check_agreement(payload, against=exact, minimum=cfg.min_agreement, items="clips")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import CpuMeter, build_texts, machine_info, rt_review_pool, write_results
+from bench.harness import embedded_ray
 
 __all__ = ["SYSTEMS", "DagBenchConfig", "main", "prepare_models", "run_benchmark"]
 
@@ -304,10 +305,8 @@ def run_benchmark(
     """Run both systems `cfg.repeats` times (alternating which goes first) over `texts`; write the JSON;
     return (payload, path). `model_dirs`: {"entities": token classifier, "sentiment": text classifier}.
     Uses the embedded Ray cluster already initialized (a test's), else starts one sized for the DAG."""
-    import ray
-
     from pipeline.bind import bind
-    from pipeline.execute import embedded_cpus, init_ray
+    from pipeline.execute import embedded_cpus
     from pipeline.spec import parse_spec
 
     missing = sorted(set(STAGES) - set(model_dirs))
@@ -321,27 +320,14 @@ def run_benchmark(
         texts[: max(1, cfg.warmup_rows)],
         row_group_size=cfg.shard_rows,
     )
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        dag = bind(
-            parse_spec(job_spec(cfg, stages=STAGES, models=models, input_path=input_path, out=work_dir))
-        )
-        saved = os.environ.get("RAY_worker_niceness")
-        if cfg.ray_worker_niceness is not None:
-            os.environ["RAY_worker_niceness"] = str(cfg.ray_worker_niceness)  # read by the raylet at start
-        try:
-            init_ray(address=None, num_cpus=embedded_cpus(dag))
-        finally:
-            if saved is None:
-                os.environ.pop("RAY_worker_niceness", None)
-            else:
-                os.environ["RAY_worker_niceness"] = saved
-    machine = machine_info(device="cpu", torch_threads=os.cpu_count() or 1)
-    machine["torch_threads"] = "per replica: the node's cores split across the job's replicas"
-    machine["ray_logical_cpus"] = ray.cluster_resources().get("CPU")
-    machine["ray_worker_niceness"] = cfg.ray_worker_niceness if own_ray else "(cluster already running)"
+    dag = bind(parse_spec(job_spec(cfg, stages=STAGES, models=models, input_path=input_path, out=work_dir)))
     runs: list[Run] = []
-    try:
+    with embedded_ray(
+        needed=True, num_cpus=embedded_cpus(dag), num_gpus=None, niceness=cfg.ray_worker_niceness
+    ) as ray_info:
+        machine = machine_info(device="cpu", torch_threads=os.cpu_count() or 1)
+        machine["torch_threads"] = "per replica: the node's cores split across the job's replicas"
+        machine.update(ray_info)
         if cfg.warmup_rows:
             for system in SYSTEMS:
                 log(f"warm-up: {system} ({cfg.warmup_rows} rows)")
@@ -362,9 +348,6 @@ def run_benchmark(
                 runs.append(run)
         last = {r.system: r for r in runs}  # each system's last repeat
         preds = {name: read_predictions(r) for name, r in last.items()}
-    finally:
-        if own_ray:
-            ray.shutdown()
 
     systems = summarize(runs)
     agreement = compare(preds["dag"], preds["back_to_back"], rows=len(texts))

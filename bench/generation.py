@@ -1,4 +1,4 @@
-"""Generation and summarization, three ways, on the same model and the same mixed-length texts, in one run:
+"""Generation and summarization, three (or four) ways, on the same model and the same mixed-length texts:
 
     shardwise    run_inference(parse_spec({...})): Parquet in → sharded Ray Data job (length-sorted,
                  left-padded micro-batches, KV cache) → Parquet out
@@ -7,9 +7,11 @@
                  of B in input order, tokenizer(padding=True) → generate → batch_decode
     naive_ray    ray.data.read_parquet → map_batches(class that tokenizes + generates + decodes,
                  batch_size=B, one actor) → write_parquet, on the same embedded Ray
+    model_only   (opt-in: --systems model_only,...) prompts tokenized beforehand, length-sorted and padded
+                 on the device, straight into `generate` (an upper bound)
 
     python -m bench.generation [--task text-generation|summarization] [--rows 48] [--batch-size 8]
-                               [--max-new-tokens 16] [--repeats 1]
+                               [--max-new-tokens 16] [--repeats 1] [--device cpu|cuda]
 
 Models. text-generation: the real SmolLM2-135M-Instruct (`infra.assets.fetch_smollm2`; Llama, 30 layers,
 hidden 576), greedy. summarization: a seeded random BART (d_model 256, 3+3 layers, `--num-beams`, default
@@ -21,67 +23,49 @@ Texts: real Rotten Tomatoes reviews concatenated to a word count drawn uniformly
 max_words] (seeded). Prompt lengths vary ~10×, which is where length-sorted batching saves prefill work
 over batches in input order.
 
-Steady-state rate (startup excluded): shardwise rows after the first committed shard / (last commit −
-first commit); pipeline rows / time of the call after a warm-up call; naive_ray rows after the first batch /
-(last batch − first batch). Prints a table (medians over repeats; ratios against `pipeline`, and the share
+Steady-state rates and `startup_s` are defined in bench.harness, which runs the systems. Prints a table (medians over repeats; ratios against `pipeline`, and the share
 of rows whose text equals the pipeline's) and writes bench/results/<task>-<timestamp>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from bench.common import (
-    CpuMeter,
-    SystemRun,
-    agreement,
-    build_texts,
-    committed_shards,
-    format_table,
-    machine_info,
-    rt_review_pool,
-    steady_rate,
-    summarize,
-    text_stats,
-    write_results,
-)
+from bench import harness
+from bench.common import SystemRun, build_texts, rt_review_pool, text_stats
 
 __all__ = ["SYSTEMS", "GenBenchConfig", "main", "prepare_model", "run_benchmark"]
 
-SYSTEMS = ("pipeline", "shardwise", "naive_ray")
+SYSTEMS = ("model_only", "pipeline", "shardwise", "naive_ray")
 REFERENCE = "pipeline"
 Task = Literal["text-generation", "summarization"]
 
 
 @dataclass(frozen=True)
-class GenBenchConfig:
+class GenBenchConfig(harness.HarnessConfig):
     task: Task = "text-generation"
     rows: int = 48
     batch_size: int = 8
     max_new_tokens: int = 16
     num_beams: int = 2  # summarization only
-    repeats: int = 1
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    seed: int = 0
     min_words: int = 5
     max_words: int = 200
     # Rows per shard: the replica sorts by length within a shard, so a shard holds several micro-batches;
     # two or more shards give a steady-state window.
     shard_rows: int = 24
     warmup_rows: int = 4
-    systems: tuple[str, ...] = SYSTEMS
-    ray_worker_niceness: int | None = 0  # as bench.text_classification: Ray's default 15 skews a shared box
+    # model_only is opt-in (the three user-facing systems are the comparison; bench.gpu adds it).
+    systems: tuple[str, ...] = ("pipeline", "shardwise", "naive_ray")
 
     @property
     def name(self) -> str:
@@ -91,6 +75,10 @@ class GenBenchConfig:
         if self.task == "text-generation":
             return {"max_new_tokens": self.max_new_tokens, "do_sample": False, "return_full_text": False}
         return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
+
+    def generate_params(self) -> dict[str, Any]:
+        """params() as `model.generate` takes them."""
+        return {k: v for k, v in self.params().items() if k != "return_full_text"}
 
     def output_field(self) -> str:
         return "generated_text" if self.task == "text-generation" else "summary_text"
@@ -108,32 +96,9 @@ def prepare_model(task: Task, dest: Path, *, texts: Sequence[str], seed: int = 0
 
         return fetch_smollm2()
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers import BartConfig, BartForConditionalGeneration
 
-    special = ["<s>", "<pad>", "</s>", "<unk>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=8000,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(texts), trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>",
-        special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        model_max_length=512,
-    )
+    fast = train_bpe(texts)
     config = BartConfig(
         vocab_size=len(fast),
         d_model=256,
@@ -157,137 +122,84 @@ def prepare_model(task: Task, dest: Path, *, texts: Sequence[str], seed: int = 0
     return dest
 
 
-def _write_inputs(path: Path, texts: Sequence[str]) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def train_bpe(texts: Sequence[str], *, vocab_size: int = 8000) -> Any:
+    """A byte-level BPE tokenizer (<s> … </s>, <pad>, <unk>) trained on `texts`, as a
+    PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.table({"id": pa.array(range(len(texts)), pa.int64()), "text": pa.array(texts, pa.string())}), path
+    special = ["<s>", "<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
-    return path
+    tok.train_from_iterator(list(texts), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
 
 
-def _read_texts(uri: Path, n: int, column: str) -> list[str]:
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(
-        str(uri), format="parquet", exclude_invalid_files=True, ignore_prefixes=["_", "."]
-    ).to_table(columns=["id", column])
-    out = [""] * n
-    for i, text in zip(table.column("id").to_pylist(), table.column(column).to_pylist(), strict=True):
-        out[int(i)] = text
-    return out
+def _decode(tokenizer: Any, ids: Any) -> list[str]:
+    return tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    model_dir: Path
-    texts: list[str]
-    input_path: Path
-    warmup_path: Path
-    work_dir: Path
+def _load(cfg: GenBenchConfig, model_dir: Path) -> tuple[Any, Any]:
+    """(tokenizer, model on the device in eval mode); a causal LM's tokenizer pads on the left."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    auto: Any = AutoModelForSeq2SeqLM
+    if cfg.task == "text-generation":
+        tok.padding_side = "left"
+        auto = AutoModelForCausalLM
+    return tok, auto.from_pretrained(model_dir, dtype=cfg.torch_dtype()).to(cfg.device).eval()
 
 
 # -------------------------------------------------------------------------------------------------------
 # Systems
 
 
-def run_shardwise(
-    cfg: GenBenchConfig, inp: _Inputs, *, tag: str, input_path: Path | None = None
-) -> SystemRun:
-    from pipeline.execute import run_inference
-    from pipeline.spec import parse_spec
-
-    out_uri = inp.work_dir / f"out-shardwise-{tag}"
-    stage: dict[str, Any] = {
-        "name": "gen",
-        "task": cfg.task,
-        "model": str(inp.model_dir),
-        "inputs": {"text": "text"},
-        "params": cfg.params(),
-        "batch_size": cfg.batch_size,
-        "replicas": 1,
-        "dtype": "float32",
-        "device": "cpu",
-    }
-    if cfg.threads != (os.cpu_count() or 1):
-        stage["num_cpus"] = float(cfg.threads)
-    spec = parse_spec(
-        {
-            "name": f"bench-{cfg.name}",
-            "input": {
-                "uri": str(input_path or inp.input_path),
-                "id_column": "id",
-                "shard_rows": cfg.shard_rows,
-            },
-            "stages": [stage],
-            "output": {"uri": str(out_uri), "mode": "overwrite"},
-        }
-    )
-    started = time.time()
-    result = run_inference(spec, overwrite=True, progress=False)
-    wall = time.time() - started
-    shards = committed_shards(result.output_uri, result.run_id)
-    events = sorted((s["committed_at"], s["rows_in"]) for s in shards)
-    rows = sum(s["rows_in"] for s in shards)
-    steady = steady_rate(events)
-    return SystemRun(
-        "shardwise",
-        rows,
-        wall,
-        steady if steady is not None else rows / wall,
-        _read_texts(out_uri, rows, cfg.output_field()),
-        extra={"shards": len(shards), "shard_rows": cfg.shard_rows, "rows_error": result.rows_error},
-    )
-
-
-def run_pipeline(cfg: GenBenchConfig, inp: _Inputs) -> SystemRun:
-    texts = inp.texts
-    t0 = time.perf_counter()
-    generate = _pipeline_callable(cfg, inp.model_dir)
-    t1 = time.perf_counter()
-    generate(texts[: cfg.warmup_rows])
-    t2 = time.perf_counter()
-    out = generate(texts)
-    t3 = time.perf_counter()
-    del generate
-    gc.collect()
-    return SystemRun(
-        "pipeline",
-        len(texts),
-        t3 - t0,
-        len(texts) / (t3 - t2),
-        out,
-        extra={"construct_s": round(t1 - t0, 3), "warmup_s": round(t2 - t1, 3)},
-    )
-
-
 def _pipeline_callable(cfg: GenBenchConfig, model_dir: Path) -> Any:
     import torch
 
     torch.set_num_threads(cfg.threads)
+    params = cfg.params()
     if cfg.task == "text-generation":
         from transformers import pipeline
 
-        pipe = pipeline("text-generation", model=str(model_dir), device="cpu", batch_size=cfg.batch_size)
-        params = cfg.params()
+        pipe = pipeline(
+            "text-generation",
+            model=str(model_dir),
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            dtype=cfg.torch_dtype(),
+        )
         return lambda texts: [o[0]["generated_text"] for o in pipe(list(texts), **params)]
 
     # summarization: what a user writes without the 4.x pipeline.
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
-    params = cfg.params()
+    tok, model = _load(cfg, model_dir)
 
     def run(texts: Sequence[str]) -> list[str]:
         out: list[str] = []
         for i in range(0, len(texts), cfg.batch_size):
             enc = tok(list(texts[i : i + cfg.batch_size]), padding=True, truncation=True, return_tensors="pt")
             with torch.inference_mode():
-                ids = model.generate(**enc, **params)
-            out.extend(tok.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+                ids = model.generate(**enc.to(cfg.device), **params)
+            out.extend(_decode(tok, ids))
         return out
 
     return run
@@ -296,29 +208,34 @@ def _pipeline_callable(cfg: GenBenchConfig, model_dir: Path) -> Any:
 class _NaiveGenerator:
     """What a Ray Data user writes first: tokenizer + model in __init__; tokenize, generate, decode per batch."""
 
-    def __init__(self, model_dir: str, *, task: str, params: dict[str, Any], threads: int) -> None:
+    def __init__(
+        self, model_dir: str, *, task: str, params: dict[str, Any], device: str, dtype: str, threads: int
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         torch.set_num_threads(threads)
-        self.torch = torch
+        self.torch, self.device = torch, device
         self.task = task
         self.params = dict(params)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if task == "text-generation":
             self.tokenizer.padding_side = "left"
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+            auto: Any = AutoModelForCausalLM
             self.params.pop("return_full_text", None)
         else:
-            self.model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+            auto = AutoModelForSeq2SeqLM
+        self.model = auto.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        enc = self.tokenizer(list(batch["text"]), padding=True, truncation=True, return_tensors="pt")
+        enc = self.tokenizer(list(batch["text"]), padding=True, truncation=True, return_tensors="pt").to(
+            self.device
+        )
         with self.torch.inference_mode():
             ids = self.model.generate(**enc, **self.params)
         if self.task == "text-generation":
             ids = ids[:, enc["input_ids"].shape[1] :]
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        texts = _decode(self.tokenizer, ids)
         n = len(texts)
         return {
             "id": batch["id"],
@@ -327,45 +244,68 @@ class _NaiveGenerator:
         }
 
 
-def run_naive_ray(
-    cfg: GenBenchConfig, inp: _Inputs, *, tag: str, input_path: Path | None = None
-) -> SystemRun:
-    import pyarrow.dataset as pads
-    import ray
+class _ModelOnly:
+    """Prompts tokenized, length-sorted and padded on the device before the clock; `generate` timed."""
 
-    out_dir = inp.work_dir / f"out-naive-{tag}"
-    started = time.time()
-    ds = ray.data.read_parquet(str(input_path or inp.input_path))
-    ds = ds.map_batches(
-        _NaiveGenerator,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        fn_constructor_args=(str(inp.model_dir),),
-        fn_constructor_kwargs={"task": cfg.task, "params": cfg.params(), "threads": cfg.threads},
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        num_cpus=1,
+    def __init__(self, cfg: GenBenchConfig, inp: harness.BenchInputs) -> None:
+        self.cfg, self.inp = cfg, inp
+        self.tok: Any = None
+
+    def load(self) -> Any:
+        self.tok, model = _load(self.cfg, self.inp.model_dir)
+        return model
+
+    def prepare(self, model: Any) -> list[Any]:
+        texts = self.inp.items
+        lengths = [len(x) for x in self.tok(texts, truncation=True)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        step = self.cfg.batch_size
+        return [
+            (
+                idx,
+                self.tok([texts[i] for i in idx], padding=True, truncation=True, return_tensors="pt").to(
+                    self.cfg.device
+                ),
+            )
+            for idx in (order[k : k + step] for k in range(0, len(order), step))
+        ]
+
+    def forward(self, model: Any, batch: Any) -> Any:
+        _, enc = batch
+        ids = model.generate(**enc, **self.cfg.generate_params())
+        return ids[:, enc["input_ids"].shape[1] :] if self.cfg.task == "text-generation" else ids
+
+    def collect(self, model: Any, batches: list[Any], outputs: list[Any]) -> tuple[list[str], list[float]]:
+        texts = [""] * len(self.inp.items)
+        for (idx, _), ids in zip(batches, outputs, strict=True):
+            for i, text in zip(idx, _decode(self.tok, ids), strict=True):
+                texts[i] = text
+        return texts, []
+
+
+def _systems(cfg: GenBenchConfig, inp: harness.BenchInputs) -> harness.Systems:
+    field = cfg.output_field()
+    return harness.Systems(
+        inputs=inp,
+        job=f"bench-{cfg.name}",
+        stage={
+            "name": "gen",
+            "task": cfg.task,
+            "model": str(inp.model_dir),
+            "inputs": {"text": "text"},
+            "params": cfg.params(),
+        },
+        read=lambda uri, n: (harness.read_by_id(uri, n, {field: ""})[0], []),
+        udf=_NaiveGenerator,
+        udf_kwargs={"task": cfg.task, "params": cfg.params()},
+        read_naive=lambda uri, n: (harness.read_by_id(uri, n, {"text_out": ""})[0], []),
+        in_process={
+            "pipeline": harness.InProcess(
+                construct=lambda: _pipeline_callable(cfg, inp.model_dir), parse=lambda out: (list(out), [])
+            )
+        },
+        model_only=_ModelOnly(cfg, inp),
     )
-    ds.write_parquet(str(out_dir))
-    wall = time.time() - started
-    table = pads.dataset(str(out_dir), format="parquet").to_table(columns=["id", "batch_done_at"])
-    done, counts = np.unique(table.column("batch_done_at").to_numpy(), return_counts=True)
-    rows = table.num_rows
-    steady = steady_rate(list(zip(done.tolist(), counts.tolist(), strict=True)))
-    return SystemRun(
-        "naive_ray",
-        rows,
-        wall,
-        steady if steady is not None else rows / wall,
-        _read_texts(out_dir, rows, "text_out"),
-    )
-
-
-def _run_system(system: str, cfg: GenBenchConfig, inp: _Inputs, *, tag: str) -> SystemRun:
-    if system == "shardwise":
-        return run_shardwise(cfg, inp, tag=tag)
-    if system == "naive_ray":
-        return run_naive_ray(cfg, inp, tag=tag)
-    return run_pipeline(cfg, inp)
 
 
 def run_benchmark(
@@ -379,90 +319,38 @@ def run_benchmark(
 ) -> tuple[dict[str, Any], Path]:
     """Run every system in `cfg.systems` `cfg.repeats` times over `texts`; write the JSON; return
     (payload, path). Uses the embedded Ray cluster already initialized, else starts one and stops it."""
-    import ray
-    import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from pipeline.execute import init_ray
-
-    torch.set_num_threads(cfg.threads)
     texts = list(texts)
     lengths = [len(x) for x in AutoTokenizer.from_pretrained(model_dir)(texts)["input_ids"]]
-    inp = _Inputs(
-        model_dir=Path(model_dir),
-        texts=texts,
-        input_path=_write_inputs(work_dir / "input" / "texts.parquet", texts),
-        warmup_path=_write_inputs(work_dir / "warmup" / "texts.parquet", texts[: max(1, cfg.warmup_rows)]),
-        work_dir=work_dir,
+    inp = harness.bench_inputs(
+        model_dir, texts, column="text", work_dir=work_dir, warmup_rows=cfg.warmup_rows
     )
-    uses_ray = any(s in cfg.systems for s in ("shardwise", "naive_ray"))
-    own_ray = uses_ray and not ray.is_initialized()
-    if own_ray:
-        saved = os.environ.get("RAY_worker_niceness")
-        if cfg.ray_worker_niceness is not None:
-            os.environ["RAY_worker_niceness"] = str(cfg.ray_worker_niceness)
-        try:
-            init_ray(address=None, num_cpus=max(4, os.cpu_count() or 1))
-        finally:
-            if saved is None:
-                os.environ.pop("RAY_worker_niceness", None)
-            else:
-                os.environ["RAY_worker_niceness"] = saved
-    machine = machine_info(device="cpu", torch_threads=cfg.threads)
-    runs: list[SystemRun] = []
-    try:
-        if cfg.warmup_rows:
-            if "shardwise" in cfg.systems:
-                log("warm-up: shardwise")
-                run_shardwise(cfg, inp, tag="warmup", input_path=inp.warmup_path)
-            if "naive_ray" in cfg.systems:
-                log("warm-up: naive_ray")
-                run_naive_ray(cfg, inp, tag="warmup", input_path=inp.warmup_path)
-        for rep in range(cfg.repeats):
-            for system in SYSTEMS:
-                if system not in cfg.systems:
-                    continue
-                load = os.getloadavg()[0]
-                with CpuMeter() as meter:
-                    run = _run_system(system, cfg, inp, tag=str(rep))
-                run.cpu_s = meter.cpu_s
-                run.load_1m = load
-                log(
-                    f"repeat {rep + 1}/{cfg.repeats} {system:<11} {run.rows_per_s:8.2f} rows/s  steady "
-                    f"{run.steady_rows_per_s:8.2f} rows/s  startup {run.startup_s:6.2f} s  "
-                    f"cpu {run.cpu_s or 0:6.1f} s  load {load:.1f}"
-                )
-                runs.append(run)
-    finally:
-        if own_ray:
-            ray.shutdown()
-
-    last = {r.name: r for r in runs}
-    reference = REFERENCE if REFERENCE in last else next(iter(last))
-    agree = {name: round(agreement(r.labels, last[reference].labels), 5) for name, r in last.items()}
-    payload: dict[str, Any] = {
-        "benchmark": cfg.name,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": asdict(cfg),
-        "params": cfg.params(),
-        "machine": machine,
-        "model": {"dir": str(model_dir), **_model_shape(model_dir)},
-        "data": text_stats(texts, lengths),
-        "reference": reference,
-        "systems": summarize(runs, reference=reference),
-        "text_agreement_vs_reference": agree,
-    }
-    path = write_results(payload, name=cfg.name, out_dir=results_dir)
-    payload["results_path"] = str(path)
-    return payload, path
-
-
-def _model_shape(model_dir: Path) -> dict[str, Any]:
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(model_dir)
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "d_model", "encoder_layers", "vocab_size")
-    return {k: getattr(config, k, None) for k in keys}
+    shape = ("model_type", "hidden_size", "num_hidden_layers", "d_model", "encoder_layers", "vocab_size")
+
+    def new_tokens(run: SystemRun) -> str:  # upper bound: a row that stops at EOS makes fewer
+        run.extra["new_tokens_per_s"] = round(run.rows_per_s * cfg.max_new_tokens, 2)
+        run.extra["steady_new_tokens_per_s"] = round(run.steady_rows_per_s * cfg.max_new_tokens, 2)
+        return ""
+
+    return harness.run_benchmark(
+        cfg,
+        name=cfg.name,
+        systems=SYSTEMS,
+        run=_systems(cfg, inp),
+        ray_cpus=max(4, os.cpu_count() or 1),
+        describe={
+            "params": cfg.params(),
+            "model": {"dir": str(model_dir), **{k: getattr(config, k, None) for k in shape}},
+            "data": text_stats(texts, lengths),
+        },
+        results_dir=results_dir,
+        log=log,
+        reference=REFERENCE,
+        per_run=new_tokens,
+        agreement_key="text_agreement_vs_reference",
+    )
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -472,46 +360,12 @@ def _model_shape(model_dir: Path) -> dict[str, Any]:
 def _parse_args(argv: Sequence[str] | None) -> GenBenchConfig:
     d = GenBenchConfig()
     p = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__.split("\n\n")[0])
+    harness.add_common_args(p, d, SYSTEMS)
     p.add_argument("--task", choices=["text-generation", "summarization"], default=d.task)
-    for name in (
-        "rows",
-        "batch_size",
-        "max_new_tokens",
-        "num_beams",
-        "repeats",
-        "threads",
-        "seed",
-        "min_words",
-        "max_words",
-        "shard_rows",
-        "warmup_rows",
-    ):
+    for name in ("max_new_tokens", "num_beams", "min_words", "max_words"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of %(default)s")
-    a = p.parse_args(argv)
-    systems = tuple(s.strip() for s in a.systems.split(",") if s.strip())
-    bad = sorted(set(systems) - set(SYSTEMS))
-    if bad:
-        p.error(f"unknown systems {bad}; available: {', '.join(SYSTEMS)}")
-    for name in ("rows", "batch_size", "max_new_tokens", "num_beams", "repeats", "threads", "shard_rows"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    return replace(
-        d,
-        task=a.task,
-        rows=a.rows,
-        batch_size=a.batch_size,
-        max_new_tokens=a.max_new_tokens,
-        num_beams=a.num_beams,
-        repeats=a.repeats,
-        threads=a.threads,
-        seed=a.seed,
-        min_words=a.min_words,
-        max_words=a.max_words,
-        shard_rows=a.shard_rows,
-        warmup_rows=a.warmup_rows,
-        systems=systems,
-    )
+    positive = ("rows", "batch_size", "max_new_tokens", "num_beams", "repeats", "threads", "shard_rows")
+    return harness.config_from_args(p, p.parse_args(argv), d, SYSTEMS, positive=positive)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -526,25 +380,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         model_dir = prepare_model(cfg.task, work / "model", texts=pool[:4000], seed=cfg.seed)
         print(f"{cfg.task}: model {model_dir}, {len(texts)} texts, work dir {work}", file=sys.stderr)
-        payload, path = run_benchmark(
+        payload, _ = run_benchmark(
             cfg, model_dir=model_dir, texts=texts, work_dir=work, log=lambda m: print(m, file=sys.stderr)
         )
-    m, d = payload["machine"], payload["data"]
-    print(
-        f"\n{cfg.task} · {payload['model']['model_type']} · {d['rows']} texts, {d['words']['min']}–"
+    return report(payload, cfg)
+
+
+def report(payload: dict[str, Any], cfg: GenBenchConfig) -> int:
+    d = payload["data"]
+    harness.print_report(
+        payload,
+        header=f"{cfg.task} · {payload['model']['model_type']} · {d['rows']} texts, {d['words']['min']}–"
         f"{d['words']['max']} words (mean {d['words']['mean']}), tokens {d['tokens']['min']}–{d['tokens']['max']} "
-        f"(mean {d['tokens']['mean']}) · {payload['params']} · batch {cfg.batch_size} · {m['cpu_count']} cores, "
-        f"torch threads {m['torch_threads']} · medians of {cfg.repeats} repeat(s)\n"
-    )
-    print(
-        format_table(
-            payload["systems"],
-            reference=payload["reference"],
-            agreement_vs_reference=payload["text_agreement_vs_reference"],
-        )
+        f"(mean {d['tokens']['mean']}) · {payload['params']}",
+        agreement_key="text_agreement_vs_reference",
     )
     print("(agree: share of rows whose text equals the pipeline's)")
-    print(f"results: {path}")
     return 0
 
 

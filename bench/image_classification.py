@@ -31,30 +31,18 @@ non-zero when shardwise's labels agree with the pipeline's on fewer than 99% of 
 from __future__ import annotations
 
 import argparse
-import gc
 import io
-import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from bench.common import (
-    CpuMeter,
-    SystemRun,
-    agreement,
-    committed_shards,
-    format_table,
-    machine_info,
-    steady_rate,
-    summarize,
-    write_results,
-)
+from bench import harness
 
 __all__ = ["MODELS", "SYSTEMS", "BenchConfig", "build_images", "main", "prepare_model", "run_benchmark"]
 
@@ -67,33 +55,21 @@ MODELS = {
     "vit-tiny": (16, 192, 6, 3, 768),
     "vit-small": (16, 384, 12, 6, 1536),
     "vit-base": (16, 768, 12, 12, 3072),
+    "vit-nano": (32, 32, 1, 2, 64),  # for smoke tests
 }
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(harness.HarnessConfig):
     rows: int = 2000
     batch_size: int = 32
-    repeats: int = 1
-    model: Literal["vit-micro", "vit-tiny", "vit-small", "vit-base"] = "vit-micro"
-    device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: fp32 on CPU, bf16 on CUDA
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    seed: int = 0
+    model: Literal["vit-micro", "vit-tiny", "vit-small", "vit-base", "vit-nano"] = "vit-micro"
     min_side: int = 224
     max_side: int = 500
     # 500 images (~45 KB each) per shard: four shards for the default 2,000, so a steady state shows.
     shard_rows: int = 500
-    # shardwise read/preprocess tasks in flight; None: the engine's default.
     warmup_rows: int = 64
     systems: tuple[str, ...] = SYSTEMS
-    min_agreement: float = 0.99
-    # Niceness of the embedded Ray workers (Ray's default 15 would make them yield to the in-process
-    # systems' competitors on a shared machine; see bench.text_classification).
-    ray_worker_niceness: int | None = 0
-
-    def resolved_dtype(self) -> str:
-        return self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -125,14 +101,15 @@ def prepare_model(name: str, dest: Path, *, seed: int = 0) -> Path:
     return dest
 
 
-def build_images(n: int, *, seed: int = 0, min_side: int = 224, max_side: int = 500) -> list[bytes]:
-    """n JPEG images: seeded random crops of the sample photos, longer side in [min_side, max_side]."""
+def build_images(
+    n: int, *, seed: int = 0, min_side: int = 224, max_side: int = 500, photos: Sequence[Any] | None = None
+) -> list[bytes]:
+    """n JPEG images: seeded random crops of `photos` (PIL images; default: the sample photos), longer side
+    in [min_side, max_side]."""
     from PIL import Image
 
-    from infra.assets import SAMPLE_PHOTOS, fetch_sample_photos
-
-    root = fetch_sample_photos()
-    photos = [Image.open(root / name).convert("RGB") for name in SAMPLE_PHOTOS]
+    if photos is None:
+        photos = sample_photos()
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -150,131 +127,42 @@ def build_images(n: int, *, seed: int = 0, min_side: int = 224, max_side: int = 
     return out
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    model_dir: Path
-    images: list[bytes]
-    input_path: Path
-    warmup_path: Path
-    work_dir: Path
+def sample_photos() -> list[Any]:
+    """The sample photos of `infra.assets.fetch_sample_photos`, as RGB PIL images."""
+    from PIL import Image
 
+    from infra.assets import SAMPLE_PHOTOS, fetch_sample_photos
 
-def _write_inputs(path: Path, images: Sequence[bytes]) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.table({"id": pa.array(range(len(images)), pa.int64()), "image": pa.array(images, pa.binary())}),
-        path,
-    )
-    return path
+    root = fetch_sample_photos()
+    return [Image.open(root / name).convert("RGB") for name in SAMPLE_PHOTOS]
 
 
 def _read_labels(uri: Path, n: int) -> tuple[list[str], list[float]]:
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(str(uri), format="parquet", exclude_invalid_files=True, ignore_prefixes=["_", "."])
-    table = table.to_table(columns=["id", "label", "score"])
-    labels, scores = [""] * n, [float("nan")] * n
-    for i, label, score in zip(*(table.column(c).to_pylist() for c in ("id", "label", "score")), strict=True):
-        labels[int(i)], scores[int(i)] = label, score
+    labels, scores = harness.read_by_id(uri, n, {"label": "", "score": float("nan")})
     return labels, scores
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
+def _open(images: Sequence[bytes]) -> list[Any]:
+    from PIL import Image
 
-        torch.cuda.synchronize()
+    return [Image.open(io.BytesIO(b)) for b in images]  # header only: the pipeline decodes
 
 
 # -------------------------------------------------------------------------------------------------------
 # The four systems
 
 
-def run_shardwise(cfg: BenchConfig, inp: _Inputs, *, tag: str, input_path: Path | None = None) -> SystemRun:
-    from pipeline.execute import run_inference
-    from pipeline.spec import parse_spec
-
-    out_uri = inp.work_dir / f"out-shardwise-{tag}"
-    stage: dict[str, Any] = {
-        "name": "classify",
-        "task": "image-classification",
-        "model": str(inp.model_dir),
-        "inputs": {"image": "image"},
-        "batch_size": cfg.batch_size,
-        "replicas": 1,
-        "dtype": cfg.resolved_dtype(),
-        "device": cfg.device,
-        "num_gpus": 1 if cfg.device == "cuda" else 0,
-    }
-    if cfg.device == "cpu" and cfg.threads != (os.cpu_count() or 1):
-        stage["num_cpus"] = float(cfg.threads)
-    spec = parse_spec(
-        {
-            "name": "bench-image-classification",
-            "input": {
-                "uri": str(input_path or inp.input_path),
-                "id_column": "id",
-                "shard_rows": cfg.shard_rows,
-            },
-            "stages": [stage],
-            "output": {"uri": str(out_uri), "mode": "overwrite"},
-        }
-    )
-    started = time.time()
-    result = run_inference(spec, overwrite=True, progress=False)
-    wall = time.time() - started
-    shards = committed_shards(result.output_uri, result.run_id)
-    events = sorted((s["committed_at"], s["rows_in"]) for s in shards)
-    rows = sum(s["rows_in"] for s in shards)
-    steady = steady_rate(events)
-    labels, scores = _read_labels(out_uri, rows)
-    return SystemRun(
-        "shardwise",
-        rows,
-        wall,
-        steady if steady is not None else rows / wall,
-        labels,
-        scores,
-        extra={"shards": len(shards), "shard_rows": cfg.shard_rows, "rows_error": result.rows_error},
-    )
-
-
-def run_pipeline(cfg: BenchConfig, inp: _Inputs) -> SystemRun:
-    import torch
-    from PIL import Image
+def _pipeline(cfg: BenchConfig, inp: harness.BenchInputs) -> Any:
     from transformers import pipeline
 
-    t0 = time.perf_counter()
     pipe = pipeline(
         "image-classification",
         model=str(inp.model_dir),
         batch_size=cfg.batch_size,
         device=cfg.device,
-        dtype=getattr(torch, cfg.resolved_dtype()),
+        dtype=cfg.torch_dtype(),
     )
-    t1 = time.perf_counter()
-    if cfg.warmup_rows:
-        pipe([Image.open(io.BytesIO(b)) for b in inp.images[: cfg.warmup_rows]], top_k=1)
-    _sync(cfg.device)
-    t2 = time.perf_counter()
-    out = pipe([Image.open(io.BytesIO(b)) for b in inp.images], top_k=1)  # open = header only; decode inside
-    _sync(cfg.device)
-    t3 = time.perf_counter()
-    del pipe
-    gc.collect()
-    n = len(inp.images)
-    return SystemRun(
-        "pipeline",
-        n,
-        t3 - t0,
-        n / (t3 - t2),
-        [o[0]["label"] for o in out],
-        [float(o[0]["score"]) for o in out],
-        extra={"construct_s": round(t1 - t0, 3), "warmup_s": round(t2 - t1, 3)},
-    )
+    return lambda images: pipe(_open(images), top_k=1)
 
 
 class _NaiveClassifier:
@@ -313,66 +201,62 @@ class _NaiveClassifier:
         }
 
 
-def run_naive_ray(cfg: BenchConfig, inp: _Inputs, *, tag: str, input_path: Path | None = None) -> SystemRun:
-    import pyarrow.dataset as pads
-    import ray
+class _ModelOnly:
+    """The processor's pixel tensors prepared beforehand on the device, batched straight into the model."""
 
-    out_dir = inp.work_dir / f"out-naive-{tag}"
-    started = time.time()
-    ds = ray.data.read_parquet(str(input_path or inp.input_path))
-    ds = ds.map_batches(
-        _NaiveClassifier,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        fn_constructor_args=(str(inp.model_dir),),
-        fn_constructor_kwargs={"device": cfg.device, "dtype": cfg.resolved_dtype(), "threads": cfg.threads},
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        num_cpus=0 if cfg.device == "cuda" else 1,
-        num_gpus=1 if cfg.device == "cuda" else 0,
-    )
-    ds.write_parquet(str(out_dir))
-    wall = time.time() - started
-    table = pads.dataset(str(out_dir), format="parquet").to_table(columns=["id", "batch_done_at"])
-    done, counts = np.unique(table.column("batch_done_at").to_numpy(), return_counts=True)
-    rows = table.num_rows
-    steady = steady_rate(list(zip(done.tolist(), counts.tolist(), strict=True)))
-    labels, scores = _read_labels(out_dir, rows)
-    return SystemRun("naive_ray", rows, wall, steady if steady is not None else rows / wall, labels, scores)
+    def __init__(self, cfg: BenchConfig, inp: harness.BenchInputs) -> None:
+        self.cfg, self.inp = cfg, inp
+
+    def load(self) -> Any:
+        from transformers import AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained(
+            self.inp.model_dir, dtype=self.cfg.torch_dtype()
+        )
+        return model.to(self.cfg.device).eval()
+
+    def prepare(self, model: Any) -> list[Any]:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(self.inp.model_dir)
+        images, step = self.inp.items, self.cfg.batch_size
+        return [
+            processor(images=[im.convert("RGB") for im in _open(images[k : k + step])], return_tensors="pt")[
+                "pixel_values"
+            ].to(self.cfg.device, self.cfg.torch_dtype())
+            for k in range(0, len(images), step)
+        ]
+
+    def forward(self, model: Any, batch: Any) -> Any:
+        return model(pixel_values=batch).logits
+
+    def collect(self, model: Any, batches: list[Any], outputs: list[Any]) -> tuple[list[str], list[float]]:
+        import torch
+
+        probs = torch.cat(outputs).float().softmax(-1).cpu().numpy()
+        id2label = model.config.id2label
+        return [id2label[int(i)] for i in probs.argmax(-1)], probs.max(-1).astype(float).tolist()
 
 
-def run_model_only(cfg: BenchConfig, inp: _Inputs) -> SystemRun:
-    import torch
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    dtype = getattr(torch, cfg.resolved_dtype())
-    t0 = time.perf_counter()
-    model = AutoModelForImageClassification.from_pretrained(inp.model_dir, dtype=dtype).to(cfg.device).eval()
-    t1 = time.perf_counter()
-    processor = AutoImageProcessor.from_pretrained(inp.model_dir)
-    batches = []
-    for k in range(0, len(inp.images), cfg.batch_size):
-        chunk = [Image.open(io.BytesIO(b)).convert("RGB") for b in inp.images[k : k + cfg.batch_size]]
-        batches.append(processor(images=chunk, return_tensors="pt")["pixel_values"].to(cfg.device, dtype))
-    with torch.inference_mode():
-        t2 = time.perf_counter()
-        model(pixel_values=batches[-1])  # warm-up
-        _sync(cfg.device)
-        t3 = time.perf_counter()
-        logits = [model(pixel_values=x).logits for x in batches]
-        _sync(cfg.device)
-        t4 = time.perf_counter()
-    probs = torch.cat(logits).float().softmax(-1).cpu().numpy()
-    id2label = model.config.id2label
-    n = len(inp.images)
-    return SystemRun(
-        "model_only",
-        n,
-        (t1 - t0) + (t4 - t2),
-        n / (t4 - t3),
-        [id2label[int(i)] for i in probs.argmax(-1)],
-        probs.max(-1).astype(float).tolist(),
-        extra={"load_s": round(t1 - t0, 3), "preprocess_s (untimed)": round(t2 - t1, 3)},
+def _systems(cfg: BenchConfig, inp: harness.BenchInputs) -> harness.Systems:
+    return harness.Systems(
+        inputs=inp,
+        job="bench-image-classification",
+        stage={
+            "name": "classify",
+            "task": "image-classification",
+            "model": str(inp.model_dir),
+            "inputs": {"image": "image"},
+        },
+        read=_read_labels,
+        udf=_NaiveClassifier,
+        in_process={
+            "pipeline": harness.InProcess(
+                construct=lambda: _pipeline(cfg, inp),
+                parse=lambda out: ([o[0]["label"] for o in out], [float(o[0]["score"]) for o in out]),
+            )
+        },
+        model_only=_ModelOnly(cfg, inp),
     )
 
 
@@ -390,106 +274,37 @@ def run_benchmark(
     log: Any = print,
 ) -> tuple[dict[str, Any], Path]:
     """Run every system in `cfg.systems` `cfg.repeats` times; write the JSON; return (payload, path)."""
-    import ray
-    import torch
-    from PIL import Image
-
-    from pipeline.execute import init_ray
-
-    torch.set_num_threads(cfg.threads)
     images = list(images)
-    inp = _Inputs(
-        model_dir=Path(model_dir),
-        images=images,
-        input_path=_write_inputs(work_dir / "input" / "images.parquet", images),
-        warmup_path=_write_inputs(work_dir / "warmup" / "images.parquet", images[: max(1, cfg.warmup_rows)]),
-        work_dir=work_dir,
+    inp = harness.bench_inputs(
+        model_dir, images, column="image", work_dir=work_dir, warmup_rows=cfg.warmup_rows, binary=True
     )
-    uses_ray = any(s in cfg.systems for s in ("shardwise", "naive_ray"))
-    own_ray = uses_ray and not ray.is_initialized()
-    if own_ray:
-        saved = os.environ.get("RAY_worker_niceness")
-        if cfg.ray_worker_niceness is not None:
-            os.environ["RAY_worker_niceness"] = str(cfg.ray_worker_niceness)
-        try:
-            # One replica + one read task + one commit task always fit (as pipeline.execute sizes it).
-            cpus = max(os.cpu_count() or 1, 3)
-            init_ray(address=None, num_cpus=cpus, num_gpus=1 if cfg.device == "cuda" else None)
-        finally:
-            if saved is None:
-                os.environ.pop("RAY_worker_niceness", None)
-            else:
-                os.environ["RAY_worker_niceness"] = saved
-    machine = machine_info(device=cfg.device, torch_threads=cfg.threads)
-    runs: list[SystemRun] = []
-    try:
-        if cfg.warmup_rows:
-            if "shardwise" in cfg.systems:
-                log("warm-up: shardwise")
-                run_shardwise(cfg, inp, tag="warmup", input_path=inp.warmup_path)
-            if "naive_ray" in cfg.systems:
-                log("warm-up: naive_ray")
-                run_naive_ray(cfg, inp, tag="warmup", input_path=inp.warmup_path)
-        for rep in range(cfg.repeats):
-            for system in SYSTEMS:
-                if system not in cfg.systems:
-                    continue
-                load = os.getloadavg()[0]
-                with CpuMeter() as meter:
-                    if system == "shardwise":
-                        run = run_shardwise(cfg, inp, tag=str(rep))
-                    elif system == "naive_ray":
-                        run = run_naive_ray(cfg, inp, tag=str(rep))
-                    elif system == "pipeline":
-                        run = run_pipeline(cfg, inp)
-                    else:
-                        run = run_model_only(cfg, inp)
-                run.cpu_s, run.load_1m = meter.cpu_s, load
-                log(
-                    f"repeat {rep + 1}/{cfg.repeats} {system:<11} {run.rows_per_s:8.1f} img/s  steady "
-                    f"{run.steady_rows_per_s:8.1f} img/s  startup {run.startup_s:6.2f} s  "
-                    f"cpu {run.cpu_s or 0:6.1f} s  load {load:.1f}"
-                )
-                runs.append(run)
-    finally:
-        if own_ray:
-            ray.shutdown()
-
-    last = {r.name: r for r in runs}
-    reference = REFERENCE if REFERENCE in last else next(iter(last))
-    agree = {name: round(agreement(r.labels, last[reference].labels), 5) for name, r in last.items()}
-    score_diff = {
-        name: float(f"{np.nanmax(np.abs(np.array(r.scores) - np.array(last[reference].scores))):.3g}")
-        for name, r in last.items()
-    }
-    sizes = [Image.open(io.BytesIO(b)).size for b in images]
+    sizes = [im.size for im in _open(images)]
     patch, hidden, layers, heads, mlp = MODELS[cfg.model]
-    payload: dict[str, Any] = {
-        "benchmark": NAME,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": {**asdict(cfg), "dtype": cfg.resolved_dtype()},
-        "machine": machine,
-        "model": {
-            "name": cfg.model,
-            "hidden": hidden,
-            "layers": layers,
-            "heads": heads,
-            "mlp": mlp,
-            "patch": patch,
+    return harness.run_benchmark(
+        cfg,
+        name=NAME,
+        systems=SYSTEMS,
+        run=_systems(cfg, inp),
+        describe={
+            "model": {
+                "name": cfg.model,
+                "hidden": hidden,
+                "layers": layers,
+                "heads": heads,
+                "mlp": mlp,
+                "patch": patch,
+            },
+            "data": {
+                "images": len(images),
+                "jpeg_kb_mean": round(float(np.mean([len(b) for b in images])) / 1024, 1),
+                "longer_side_px": [min(max(s) for s in sizes), max(max(s) for s in sizes)],
+            },
         },
-        "data": {
-            "images": len(images),
-            "jpeg_kb_mean": round(float(np.mean([len(b) for b in images])) / 1024, 1),
-            "longer_side_px": [min(max(s) for s in sizes), max(max(s) for s in sizes)],
-        },
-        "reference": reference,
-        "systems": summarize(runs, reference=reference),
-        "agreement_vs_reference": agree,
-        "max_abs_score_diff_vs_reference": score_diff,
-    }
-    path = write_results(payload, name=NAME, out_dir=results_dir)
-    payload["results_path"] = str(path)
-    return payload, path
+        results_dir=results_dir,
+        log=log,
+        reference=REFERENCE,
+        unit="img",
+    )
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -501,40 +316,9 @@ def _parse_args(argv: Sequence[str] | None) -> BenchConfig:
     p = argparse.ArgumentParser(
         prog="python -m bench.image_classification", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--rows", type=int, default=d.rows)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--repeats", type=int, default=d.repeats)
+    harness.add_common_args(p, d, SYSTEMS)
     p.add_argument("--model", choices=list(MODELS), default=d.model)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=d.device)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--shard-rows", type=int, default=d.shard_rows)
-    p.add_argument("--warmup-rows", type=int, default=d.warmup_rows)
-    p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--min-agreement", type=float, default=d.min_agreement)
-    p.add_argument("--ray-worker-niceness", type=int, default=d.ray_worker_niceness)
-    a = p.parse_args(argv)
-    systems = tuple(s.strip() for s in a.systems.split(",") if s.strip())
-    bad = sorted(set(systems) - set(SYSTEMS))
-    if bad:
-        p.error(f"unknown systems {bad}; available: {', '.join(SYSTEMS)}")
-    return replace(
-        d,
-        rows=a.rows,
-        batch_size=a.batch_size,
-        repeats=a.repeats,
-        model=a.model,
-        device=a.device,
-        dtype=a.dtype,
-        threads=a.threads,
-        seed=a.seed,
-        shard_rows=a.shard_rows,
-        warmup_rows=a.warmup_rows,
-        systems=systems,
-        min_agreement=a.min_agreement,
-        ray_worker_niceness=a.ray_worker_niceness,
-    )
+    return harness.config_from_args(p, p.parse_args(argv), d, SYSTEMS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -547,29 +331,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"preparing {cfg.model} and {cfg.rows} JPEG images in {work}", file=sys.stderr)
         model_dir = prepare_model(cfg.model, work / "model", seed=cfg.seed)
         images = build_images(cfg.rows, seed=cfg.seed, min_side=cfg.min_side, max_side=cfg.max_side)
-        payload, path = run_benchmark(
+        payload, _ = run_benchmark(
             cfg, model_dir=model_dir, images=images, work_dir=work, log=lambda m: print(m, file=sys.stderr)
         )
-    m, d, mo = payload["machine"], payload["data"], payload["model"]
-    print(
-        f"\nimage-classification · {mo['name']} (ViT, patch {mo['patch']}, hidden {mo['hidden']}, {mo['layers']} layers) · "
-        f"{d['images']} JPEGs, longer side {d['longer_side_px'][0]}–{d['longer_side_px'][1]} px, mean "
-        f"{d['jpeg_kb_mean']} KB · batch {cfg.batch_size} · {m['device']}, {m['cpu_count']} cores, torch threads "
-        f"{m['torch_threads']} · medians of {cfg.repeats} repeat(s)\n"
+    return report(payload, cfg)
+
+
+def report(payload: dict[str, Any], cfg: BenchConfig) -> int:
+    """Print the table; 1 when shardwise's labels agree with the pipeline's on too few images."""
+    d, mo = payload["data"], payload["model"]
+    harness.print_report(
+        payload,
+        header=f"image-classification · {mo['name']} (ViT, patch {mo['patch']}, hidden {mo['hidden']}, "
+        f"{mo['layers']} layers) · {d['images']} JPEGs, longer side {d['longer_side_px'][0]}–"
+        f"{d['longer_side_px'][1]} px, mean {d['jpeg_kb_mean']} KB",
     )
-    print(
-        format_table(
-            payload["systems"],
-            reference=payload["reference"],
-            agreement_vs_reference=payload["agreement_vs_reference"],
-        )
-    )
-    print(f"results: {path}")
-    got = payload["agreement_vs_reference"].get("shardwise")
-    if got is not None and payload["reference"] == REFERENCE and got < cfg.min_agreement:
-        print(f"FAILED: shardwise agrees with the pipeline on {got:.2%} of images", file=sys.stderr)
-        return 1
-    return 0
+    return harness.check_agreement(payload, against=REFERENCE, minimum=cfg.min_agreement, items="images")
 
 
 if __name__ == "__main__":
