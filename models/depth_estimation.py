@@ -44,15 +44,16 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from models.image_segmentation import (
+from models.images import (
+    DEFAULT_MAX_PIXELS,
+    ImagePreprocessor,
     ShapeGroupedRunner,
+    check_max_pixels,
     load_image_processor,
     model_outputs,
-    preprocess_images,
 )
-from models.images import DEFAULT_MAX_PIXELS, check_max_pixels
-from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
+from pipeline.errors import ModelError, SpecError
 
 __all__ = [
     "DEPTH_TYPE",
@@ -139,29 +140,9 @@ def decode_depth(value: Mapping[str, Any]) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(np.float32)
 
 
-class _Preprocessor:
-    def __init__(self, model_dir: str, params: DepthEstimationParams) -> None:
-        from models.images import compact_pixels
-
-        self.processor = load_image_processor(model_dir)
-        self.compact = compact_pixels(self.processor)
-        self.params = params
-
-    def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
-        return preprocess_images(
-            self.processor,
-            columns["image"],
-            compact=self.compact,
-            max_pixels=self.params.max_pixels,
-            storage_options=self.params.storage_options,
-        )
-
-
 class _Postprocessor:
     def __init__(self, model_dir: str, params: DepthEstimationParams) -> None:
         from transformers.pipelines.depth_estimation import DepthEstimationPipeline
-
-        from pipeline.errors import ModelError
 
         processor = load_image_processor(model_dir)
         if not hasattr(processor, "post_process_depth_estimation"):
@@ -215,25 +196,24 @@ class DepthEstimation:
             fields.append(("preview", pa.binary()))
         return pa.schema(fields)
 
-    def load_preprocessor(self, model_dir: str, params: DepthEstimationParams) -> _Preprocessor:
-        return _Preprocessor(model_dir, params)
+    def load_preprocessor(self, model_dir: str, params: DepthEstimationParams) -> ImagePreprocessor:
+        return ImagePreprocessor(
+            model_dir, max_pixels=params.max_pixels, storage_options=params.storage_options
+        )
 
     def load_runner(
         self, model_dir: str, params: DepthEstimationParams, *, device: str, dtype: str
     ) -> ShapeGroupedRunner:
         from transformers import AutoModelForDepthEstimation
 
-        model = load_pretrained(AutoModelForDepthEstimation, model_dir, device=device, dtype=dtype)
-        return ShapeGroupedRunner(
-            model, load_image_processor(model_dir), fields=("predicted_depth",), device=device, dtype=dtype
+        return ShapeGroupedRunner.load(
+            AutoModelForDepthEstimation, model_dir, fields=("predicted_depth",), device=device, dtype=dtype
         )
 
     def load_postprocessor(self, model_dir: str, params: DepthEstimationParams) -> _Postprocessor:
         return _Postprocessor(model_dir, params)
 
     def parse_training_options(self, options: Mapping[str, Any], *, key: str) -> DepthTrainingOptions:
-        from pipeline.errors import SpecError
-
         opts = parse_params_dataclass(DepthTrainingOptions, options, key=key)
         check_max_pixels(opts.max_pixels, key=f"{key}.max_pixels")
         if not opts.depth_scale > 0:
