@@ -139,32 +139,6 @@ class _Runner:
         return [{"logits": logits} for logits in logits_out]
 
 
-class _Postprocessor:
-    def __init__(self, model_dir: str, params: AudioClassificationParams) -> None:
-        from transformers import AutoConfig
-        from transformers.pipelines.audio_classification import AudioClassificationPipeline
-
-        config = AutoConfig.from_pretrained(model_dir)
-        # The pipeline's postprocess only reads `self.model.config`; calling it keeps parity by construction.
-        self._pipe = SimpleNamespace(model=SimpleNamespace(config=config))
-        self._postprocess = AudioClassificationPipeline.postprocess
-        # As the pipeline's `_sanitize_parameters`: null → all labels, more than there are → all of them.
-        self.k = min(params.top_k or config.num_labels, config.num_labels)
-        self.top_k = params.top_k
-        self.function_to_apply = None if params.function_to_apply == "default" else params.function_to_apply
-
-    def __call__(
-        self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        scores = self._postprocess(
-            self._pipe,
-            SimpleNamespace(logits=classification.logits_row(output)),
-            top_k=self.k,
-            function_to_apply=self.function_to_apply,
-        )
-        return classification.label_row(scores, self.top_k)
-
-
 @register_task("audio-classification")
 class AudioClassification:
     name = "audio-classification"
@@ -193,8 +167,24 @@ class AudioClassification:
     ) -> _Runner:
         return _Runner(model_dir, params, device=device, dtype=dtype)
 
-    def load_postprocessor(self, model_dir: str, params: AudioClassificationParams) -> _Postprocessor:
-        return _Postprocessor(model_dir, params)
+    def load_postprocessor(
+        self, model_dir: str, params: AudioClassificationParams
+    ) -> classification.LabelPostprocessor:
+        from transformers.pipelines.audio_classification import AudioClassificationPipeline
+
+        function = classification.function_name(params.function_to_apply)
+
+        def scores(pipe: Any, logits: Any) -> list[Any]:
+            # As the pipeline's `_sanitize_parameters`: null → all labels, more than there are → all of them.
+            n = pipe.model.config.num_labels
+            return AudioClassificationPipeline.postprocess(
+                pipe,
+                SimpleNamespace(logits=logits),
+                top_k=min(params.top_k or n, n),
+                function_to_apply=function,
+            )
+
+        return classification.LabelPostprocessor(model_dir, params.top_k, scores)
 
     def parse_training_options(self, options: Mapping[str, Any], *, key: str) -> AudioTrainingOptions:
         opts = parse_params_dataclass(AudioTrainingOptions, options, key=key)

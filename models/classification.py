@@ -7,7 +7,8 @@ params dataclass (its other fields), its pipeline's postprocess call and how tha
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -15,7 +16,16 @@ import pyarrow as pa
 
 from pipeline.errors import SpecError
 
-__all__ = ["FunctionToApply", "SCORE", "check_top_k", "label_row", "logits_row", "output_schema"]
+__all__ = [
+    "SCORE",
+    "FunctionToApply",
+    "LabelPostprocessor",
+    "check_top_k",
+    "function_name",
+    "label_row",
+    "logits_row",
+    "output_schema",
+]
 
 # transformers' ClassificationFunction values, plus "default" (the model config's choice).
 FunctionToApply = Literal["default", "sigmoid", "softmax", "none"]
@@ -35,6 +45,11 @@ def output_schema(top_k: int | None) -> pa.Schema:
     return pa.schema(fields)
 
 
+def function_name(value: FunctionToApply) -> str | None:
+    """The pipelines' `function_to_apply` argument: None lets the model config choose."""
+    return None if value == "default" else value
+
+
 def logits_row(output: Mapping[str, Any]) -> Any:
     """A row's logits as the (1, num_labels) float32 tensor the pipelines' postprocess takes."""
     import torch
@@ -48,3 +63,22 @@ def label_row(scores: Sequence[Mapping[str, Any]], top_k: int | None) -> dict[st
     if top_k != 1:
         row["scores"] = scores
     return row
+
+
+class LabelPostprocessor:
+    """The classifiers' postprocess: a row's logits → `scores(pipe, logits)` (the task's call of its pipeline's
+    own postprocess, so labels and scores are the pipeline's by construction) → `label_row`.
+
+    `pipe` stands in for the pipeline object: the pipelines' postprocess reads only `self.model.config`."""
+
+    def __init__(self, model_dir: str, top_k: int | None, scores: Callable[[Any, Any], list[Any]]) -> None:
+        from transformers import AutoConfig
+
+        self._pipe = SimpleNamespace(model=SimpleNamespace(config=AutoConfig.from_pretrained(model_dir)))
+        self.top_k = top_k
+        self._scores = scores
+
+    def __call__(
+        self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        return label_row(self._scores(self._pipe, logits_row(output)), self.top_k)

@@ -49,6 +49,7 @@ from models.images import (
     ImagePreprocessor,
     ShapeGroupedRunner,
     check_max_pixels,
+    label_array,
     load_image_processor,
     model_outputs,
 )
@@ -197,9 +198,7 @@ class DepthEstimation:
         return pa.schema(fields)
 
     def load_preprocessor(self, model_dir: str, params: DepthEstimationParams) -> ImagePreprocessor:
-        return ImagePreprocessor(
-            model_dir, max_pixels=params.max_pixels, storage_options=params.storage_options
-        )
+        return ImagePreprocessor(model_dir, params)
 
     def load_runner(
         self, model_dir: str, params: DepthEstimationParams, *, device: str, dtype: str
@@ -242,29 +241,15 @@ def depth_map(value: Any, *, storage_options: Mapping[str, Any] | None = None) -
     """One depth label → a float32 (H, W) map. Accepts this task's `depth` struct, image bytes (16-bit PNG,
     float TIFF, ...), an HF Image struct {bytes, path}, a path/URI, a nested list (H, W) or an array.
     Raises ValueError saying what is wrong with the value."""
-    from PIL import Image
-
     if isinstance(value, Mapping) and "data" in value and "shape" in value:
         return decode_depth(value)
-    if isinstance(value, Mapping) and value.get("bytes") is None and value.get("path"):
-        value = value["path"]
-    elif isinstance(value, Mapping):
-        value = value.get("bytes")
-    if isinstance(value, str):
-        import fsspec
-
-        with fsspec.open(value, "rb", **(storage_options or {})) as f:
-            value = f.read()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(bytes(value))) as image:
-                array = np.asarray(image)
-        except Exception as e:  # noqa: BLE001 - any decoder error means the same here
-            raise ValueError(f"the depth map does not decode as an image ({type(e).__name__}: {e})") from e
-    elif value is None:
-        raise ValueError("the depth map is null; every training image needs one")
-    else:
-        array = np.asarray(value, dtype=np.float32)
+    array = label_array(
+        value,
+        what="the depth map",
+        if_null="the depth map is null; every training image needs one",
+        dtype=np.float32,
+        storage_options=storage_options,
+    )
     if array.ndim != 2:
         raise ValueError(f"a depth map is a single-channel (H, W) array, got shape {array.shape}")
     return array.astype(np.float32)

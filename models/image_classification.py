@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import pyarrow as pa
@@ -60,39 +59,6 @@ class ImageTrainingOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
-class _Postprocessor:
-    def __init__(self, model_dir: str, params: ImageClassificationParams) -> None:
-        from transformers import AutoConfig
-        from transformers.pipelines.image_classification import (
-            ClassificationFunction,
-            ImageClassificationPipeline,
-        )
-
-        config = AutoConfig.from_pretrained(model_dir)
-        # The pipeline's postprocess only reads `self.model.config`; calling it keeps parity by construction.
-        self._pipe = SimpleNamespace(model=SimpleNamespace(config=config))
-        self._postprocess = ImageClassificationPipeline.postprocess
-        # The pipeline has no "all labels" value for top_k (None means its default, 5): all = num_labels.
-        self.k = params.top_k if params.top_k is not None else config.num_labels
-        self.top_k = params.top_k
-        self.function_to_apply = (
-            None
-            if params.function_to_apply == "default"
-            else ClassificationFunction(params.function_to_apply)
-        )
-
-    def __call__(
-        self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        scores = self._postprocess(
-            self._pipe,
-            {"logits": classification.logits_row(output)},
-            function_to_apply=self.function_to_apply,
-            top_k=self.k,
-        )
-        return classification.label_row(scores, self.top_k)
-
-
 @register_task("image-classification")
 class ImageClassification:
     name = "image-classification"
@@ -114,9 +80,7 @@ class ImageClassification:
         return classification.output_schema(params.top_k)
 
     def load_preprocessor(self, model_dir: str, params: ImageClassificationParams) -> ImagePreprocessor:
-        return ImagePreprocessor(
-            model_dir, max_pixels=params.max_pixels, storage_options=params.storage_options, orig_size=False
-        )
+        return ImagePreprocessor(model_dir, params, orig_size=False)
 
     def load_runner(
         self, model_dir: str, params: ImageClassificationParams, *, device: str, dtype: str
@@ -127,8 +91,25 @@ class ImageClassification:
             AutoModelForImageClassification, model_dir, fields=("logits",), device=device, dtype=dtype
         )
 
-    def load_postprocessor(self, model_dir: str, params: ImageClassificationParams) -> _Postprocessor:
-        return _Postprocessor(model_dir, params)
+    def load_postprocessor(
+        self, model_dir: str, params: ImageClassificationParams
+    ) -> classification.LabelPostprocessor:
+        from transformers.pipelines.image_classification import (
+            ClassificationFunction,
+            ImageClassificationPipeline,
+        )
+
+        function = classification.function_name(params.function_to_apply)
+        function_enum = None if function is None else ClassificationFunction(function)
+
+        def scores(pipe: Any, logits: Any) -> list[Any]:
+            # The pipeline has no "all labels" value for top_k (None means its default, 5): all = num_labels.
+            k = params.top_k if params.top_k is not None else pipe.model.config.num_labels
+            return ImageClassificationPipeline.postprocess(
+                pipe, {"logits": logits}, function_to_apply=function_enum, top_k=k
+            )
+
+        return classification.LabelPostprocessor(model_dir, params.top_k, scores)
 
     def parse_training_options(self, options: Mapping[str, Any], *, key: str) -> ImageTrainingOptions:
         opts = parse_params_dataclass(ImageTrainingOptions, options, key=key)

@@ -36,7 +36,6 @@ processed size.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from models.images import (
     ImagePreprocessor,
     ShapeGroupedRunner,
     check_max_pixels,
+    label_array,
     load_image_processor,
     model_outputs,
 )
@@ -207,9 +207,7 @@ class ImageSegmentation:
         return pa.schema([("segments", pa.list_(SEGMENT_TYPE))])
 
     def load_preprocessor(self, model_dir: str, params: ImageSegmentationParams) -> ImagePreprocessor:
-        return ImagePreprocessor(
-            model_dir, max_pixels=params.max_pixels, storage_options=params.storage_options
-        )
+        return ImagePreprocessor(model_dir, params)
 
     def load_runner(
         self, model_dir: str, params: ImageSegmentationParams, *, device: str, dtype: str
@@ -250,27 +248,12 @@ def class_map(value: Any, *, storage_options: Mapping[str, Any] | None = None) -
     """One mask value → a (H, W) uint8 class-index map. Accepts image bytes (PNG of class ids, mode L/P or
     16-bit), an HF Image struct {bytes, path}, a path/URI, a nested list (H, W) of ids or an array.
     Raises ValueError saying what is wrong with the value."""
-    from PIL import Image
-
-    if isinstance(value, Mapping) and value.get("bytes") is None and value.get("path"):
-        value = value["path"]
-    elif isinstance(value, Mapping):
-        value = value.get("bytes")
-    if isinstance(value, str):
-        import fsspec
-
-        with fsspec.open(value, "rb", **(storage_options or {})) as f:
-            value = f.read()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(bytes(value))) as image:
-                array = np.asarray(image)
-        except Exception as e:  # noqa: BLE001 - any decoder error means the same here
-            raise ValueError(f"the mask does not decode as an image ({type(e).__name__}: {e})") from e
-    elif value is None:
-        raise ValueError("the mask is null; every training image needs its class-index map")
-    else:
-        array = np.asarray(value)
+    array = label_array(
+        value,
+        what="the mask",
+        if_null="the mask is null; every training image needs its class-index map",
+        storage_options=storage_options,
+    )
     if array.ndim != 2:
         raise ValueError(
             f"a mask is a single-channel (H, W) map of class ids, got an array of shape {array.shape}; save "

@@ -52,6 +52,7 @@ __all__ = [
     "check_max_pixels",
     "compact_pixels",
     "image_size",
+    "label_array",
     "load_image",
     "load_image_processor",
     "load_images",
@@ -405,20 +406,14 @@ def preprocess_images(
 
 
 class ImagePreprocessor:
-    """The CPU preprocess of the vision tasks: the `image` input through `preprocess_images`."""
+    """The CPU preprocess of the vision tasks: the `image` input through `preprocess_images`, with the
+    `max_pixels` and `storage_options` of the task's params."""
 
-    def __init__(
-        self,
-        model_dir: str,
-        *,
-        max_pixels: int,
-        storage_options: Mapping[str, Any] | None,
-        orig_size: bool = True,
-    ) -> None:
+    def __init__(self, model_dir: str, params: Any, *, orig_size: bool = True) -> None:
         self.processor = load_image_processor(model_dir)
         self.compact = compact_pixels(self.processor)
-        self.max_pixels = max_pixels
-        self.storage_options = storage_options
+        self.max_pixels: int = params.max_pixels
+        self.storage_options: Mapping[str, Any] | None = params.storage_options
         self.orig_size = orig_size
 
     def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
@@ -498,3 +493,36 @@ def model_outputs(output: Mapping[str, Any]) -> ModelOutputs:
     import torch
 
     return ModelOutputs({k: torch.from_numpy(np.array(v, dtype=np.float32))[None] for k, v in output.items()})
+
+
+def label_array(
+    value: Any,
+    *,
+    what: str,
+    if_null: str,
+    dtype: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """A per-pixel training label (a class map, a depth map) as its raw array: image bytes (PNG, 16-bit PNG,
+    float TIFF, ...), an HF Image struct {bytes, path}, a path/URI, a nested list or an array (as `dtype`).
+    Raises ValueError naming `what` ("the mask") when it does not decode, or `if_null` when it is null."""
+    from PIL import Image
+
+    if isinstance(value, Mapping) and value.get("bytes") is None and value.get("path"):
+        value = value["path"]
+    elif isinstance(value, Mapping):
+        value = value.get("bytes")
+    if isinstance(value, str):
+        import fsspec
+
+        with fsspec.open(value, "rb", **(storage_options or {})) as f:
+            value = f.read()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            with Image.open(io.BytesIO(bytes(value))) as image:
+                return np.asarray(image)
+        except Exception as e:  # noqa: BLE001 - any decoder error means the same here
+            raise ValueError(f"{what} does not decode as an image ({type(e).__name__}: {e})") from e
+    if value is None:
+        raise ValueError(if_null)
+    return np.asarray(value, dtype=dtype)

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.errors import ModelError
 
-__all__ = ["cache_dir", "check_model", "model_identity", "resolve_model"]
+__all__ = ["cache_dir", "check_model", "load_pretrained", "model_identity", "resolve_model"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Files hashed into the job fingerprint: weights and everything that changes outputs (config, vocab).

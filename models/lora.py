@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "adapter_base",
     "apply_lora",
     "head_modules",
     "is_adapter_folder",

@@ -118,9 +118,7 @@ class ObjectDetection:
         return pa.schema([("objects", pa.list_(_OBJECT))])
 
     def load_preprocessor(self, model_dir: str, params: ObjectDetectionParams) -> ImagePreprocessor:
-        return ImagePreprocessor(
-            model_dir, max_pixels=params.max_pixels, storage_options=params.storage_options
-        )
+        return ImagePreprocessor(model_dir, params)
 
     def load_runner(
         self, model_dir: str, params: ObjectDetectionParams, *, device: str, dtype: str

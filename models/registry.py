@@ -34,6 +34,7 @@ __all__ = [
     "Task",
     "available_tasks",
     "check_inputs",
+    "describe_params",
     "get_task",
     "input_kind",
     "parse_params_dataclass",

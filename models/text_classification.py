@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -122,30 +121,6 @@ class _Runner:
         return [{"logits": row} for row in logits]
 
 
-class _Postprocessor:
-    def __init__(self, model_dir: str, params: TextClassificationParams) -> None:
-        from transformers import AutoConfig
-        from transformers.pipelines.text_classification import TextClassificationPipeline
-
-        # The pipeline's postprocess only reads `self.model.config`; calling it keeps parity by construction.
-        self._pipe = SimpleNamespace(model=SimpleNamespace(config=AutoConfig.from_pretrained(model_dir)))
-        self._postprocess = TextClassificationPipeline.postprocess
-        self.top_k = params.top_k
-        self.function_to_apply = None if params.function_to_apply == "default" else params.function_to_apply
-
-    def __call__(
-        self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        scores = self._postprocess(
-            self._pipe,
-            {"logits": classification.logits_row(output)},
-            function_to_apply=self.function_to_apply,
-            top_k=self.top_k,
-            _legacy=False,
-        )
-        return classification.label_row(scores, self.top_k)
-
-
 @register_task("text-classification")
 class TextClassification:
     name = "text-classification"
@@ -170,8 +145,19 @@ class TextClassification:
     ) -> _Runner:
         return _Runner(model_dir, device=device, dtype=dtype)
 
-    def load_postprocessor(self, model_dir: str, params: TextClassificationParams) -> _Postprocessor:
-        return _Postprocessor(model_dir, params)
+    def load_postprocessor(
+        self, model_dir: str, params: TextClassificationParams
+    ) -> classification.LabelPostprocessor:
+        from transformers.pipelines.text_classification import TextClassificationPipeline
+
+        function = classification.function_name(params.function_to_apply)
+
+        def scores(pipe: Any, logits: Any) -> list[Any]:
+            return TextClassificationPipeline.postprocess(
+                pipe, {"logits": logits}, function_to_apply=function, top_k=params.top_k, _legacy=False
+            )
+
+        return classification.LabelPostprocessor(model_dir, params.top_k, scores)
 
     def training(
         self, base_dir: str, *, label_names: tuple[str, ...], max_length: int, options: Mapping[str, Any]
