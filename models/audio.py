@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from models.registry import RowError
+from pipeline.errors import SpecError
 
 __all__ = [
     "DEFAULT_MAX_DURATION_S",
@@ -62,8 +63,6 @@ DEFAULT_MAX_DURATION_S = 600.0
 def check_max_duration(value: float | None, *, key: str) -> None:
     """Driver-side validation of a task's `max_duration_s` param."""
     if value is not None and not value > 0:
-        from pipeline.errors import SpecError
-
         raise SpecError(key, f"must be a positive number of seconds or null (no cap), got {value!r}")
 
 

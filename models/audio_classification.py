@@ -23,7 +23,17 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from models.audio import DEFAULT_MAX_DURATION_S, check_max_duration
+from models import classification
+from models.audio import (
+    DEFAULT_MAX_DURATION_S,
+    check_max_duration,
+    chunk_items,
+    forward_groups,
+    load_for_model,
+    pack_chunks,
+    stack_chunks,
+)
+from models.classification import FunctionToApply
 from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
 
@@ -38,7 +48,7 @@ __all__ = [
 @dataclass(frozen=True)
 class AudioClassificationParams:
     top_k: int | None = 1
-    function_to_apply: Literal["default", "sigmoid", "softmax", "none"] = "default"
+    function_to_apply: FunctionToApply = "default"
     # Clips longer than this (seconds) become error records before they are decoded; null: no cap.
     max_duration_s: float | None = DEFAULT_MAX_DURATION_S
     # exact: outputs equal the unbatched pipeline's; pad: zero-pad mixed durations for models trained without
@@ -54,9 +64,6 @@ class AudioTrainingOptions:
 
     max_duration_s: float | None = DEFAULT_MAX_DURATION_S
     storage_options: dict[str, Any] = field(default_factory=dict)
-
-
-_SCORE = pa.struct([("label", pa.string()), ("score", pa.float64())])
 
 
 def load_feature_extractor(model_dir: str) -> Any:
@@ -79,8 +86,6 @@ class _Preprocessor:
         self._preprocess = AudioClassificationPipeline.preprocess
 
     def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
-        from models.audio import load_for_model, pack_chunks
-
         out: list[dict[str, Any] | RowError] = []
         audios = load_for_model(
             columns["audio"],
@@ -118,8 +123,6 @@ class _Runner:
         return int(features["x"][0].size)
 
     def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        from models.audio import chunk_items, forward_groups, stack_chunks
-
         torch = self.torch
         items = chunk_items(batch)  # one chunk per row: the whole clip
         logits_out: list[np.ndarray | None] = [None] * len(batch)
@@ -136,38 +139,6 @@ class _Runner:
         return [{"logits": logits} for logits in logits_out]
 
 
-class _Postprocessor:
-    def __init__(self, model_dir: str, params: AudioClassificationParams) -> None:
-        from transformers import AutoConfig
-        from transformers.pipelines.audio_classification import AudioClassificationPipeline
-
-        config = AutoConfig.from_pretrained(model_dir)
-        # The pipeline's postprocess only reads `self.model.config`; calling it keeps parity by construction.
-        self._pipe = SimpleNamespace(model=SimpleNamespace(config=config))
-        self._postprocess = AudioClassificationPipeline.postprocess
-        # As the pipeline's `_sanitize_parameters`: null → all labels, more than there are → all of them.
-        self.k = min(params.top_k or config.num_labels, config.num_labels)
-        self.top_k = params.top_k
-        self.function_to_apply = None if params.function_to_apply == "default" else params.function_to_apply
-
-    def __call__(
-        self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        import torch
-
-        logits = torch.from_numpy(np.array(output["logits"], dtype=np.float32))[None]  # (1, num_labels)
-        scores = self._postprocess(
-            self._pipe,
-            SimpleNamespace(logits=logits),
-            top_k=self.k,
-            function_to_apply=self.function_to_apply,
-        )
-        row: dict[str, Any] = {"label": scores[0]["label"], "score": scores[0]["score"]}
-        if self.top_k != 1:
-            row["scores"] = scores
-        return row
-
-
 @register_task("audio-classification")
 class AudioClassification:
     name = "audio-classification"
@@ -181,18 +152,12 @@ class AudioClassification:
 
     def parse_params(self, params: Mapping[str, Any], *, key: str) -> AudioClassificationParams:
         p = parse_params_dataclass(AudioClassificationParams, params, key=key)
-        if p.top_k is not None and p.top_k < 1:
-            from pipeline.errors import SpecError
-
-            raise SpecError(f"{key}.top_k", f"must be >= 1 or null (all labels), got {p.top_k}")
+        classification.check_top_k(p.top_k, key=key)
         check_max_duration(p.max_duration_s, key=f"{key}.max_duration_s")
         return p
 
     def output_schema(self, params: AudioClassificationParams) -> pa.Schema:
-        fields = [("label", pa.string()), ("score", pa.float64())]
-        if params.top_k != 1:
-            fields.append(("scores", pa.list_(_SCORE)))
-        return pa.schema(fields)
+        return classification.output_schema(params.top_k)
 
     def load_preprocessor(self, model_dir: str, params: AudioClassificationParams) -> _Preprocessor:
         return _Preprocessor(model_dir, params)
@@ -202,8 +167,24 @@ class AudioClassification:
     ) -> _Runner:
         return _Runner(model_dir, params, device=device, dtype=dtype)
 
-    def load_postprocessor(self, model_dir: str, params: AudioClassificationParams) -> _Postprocessor:
-        return _Postprocessor(model_dir, params)
+    def load_postprocessor(
+        self, model_dir: str, params: AudioClassificationParams
+    ) -> classification.LabelPostprocessor:
+        from transformers.pipelines.audio_classification import AudioClassificationPipeline
+
+        function = classification.function_name(params.function_to_apply)
+
+        def scores(pipe: Any, logits: Any) -> list[Any]:
+            # As the pipeline's `_sanitize_parameters`: null → all labels, more than there are → all of them.
+            n = pipe.model.config.num_labels
+            return AudioClassificationPipeline.postprocess(
+                pipe,
+                SimpleNamespace(logits=logits),
+                top_k=min(params.top_k or n, n),
+                function_to_apply=function,
+            )
+
+        return classification.LabelPostprocessor(model_dir, params.top_k, scores)
 
     def parse_training_options(self, options: Mapping[str, Any], *, key: str) -> AudioTrainingOptions:
         opts = parse_params_dataclass(AudioTrainingOptions, options, key=key)

@@ -27,17 +27,29 @@ So texts are the pipeline's by construction. CTC with an n-gram LM (`pyctcdecode
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
-from models.audio import DEFAULT_MAX_DURATION_S, check_max_duration
+from models.audio import (
+    DEFAULT_MAX_DURATION_S,
+    check_max_duration,
+    chunk_items,
+    forward_groups,
+    load_for_model,
+    pack_chunks,
+    stack_chunks,
+)
 from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
+from pipeline.errors import ModelError, SpecError
 
 __all__ = [
     "AutomaticSpeechRecognition",
@@ -79,7 +91,6 @@ def speech_model_type(config: Any) -> str:
         return "seq2seq"
     if config.model_type in MODEL_FOR_CTC_MAPPING_NAMES:
         return "ctc"
-    from pipeline.errors import ModelError
 
     raise ModelError(
         f"model type {config.model_type!r} is neither a CTC model (AutoModelForCTC) nor a seq2seq speech "
@@ -127,8 +138,6 @@ def _sanitize(pipe: Any, params: AutomaticSpeechRecognitionParams) -> tuple[dict
     (e.g. "char" timestamps asked of Whisper) become a ModelError that names the param."""
     from transformers.pipelines.automatic_speech_recognition import AutomaticSpeechRecognitionPipeline
 
-    from pipeline.errors import ModelError
-
     try:
         return AutomaticSpeechRecognitionPipeline._sanitize_parameters(
             pipe, ignore_warning=True, **_pipeline_params(params), **params.generate_kwargs
@@ -148,8 +157,6 @@ class _Preprocessor:
         self.main = self._pipe.feature_extractor.model_input_names[0]
 
     def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
-        from models.audio import load_for_model, pack_chunks
-
         out: list[dict[str, Any] | RowError] = []
         audios = load_for_model(
             columns["audio"],
@@ -212,8 +219,6 @@ class _Runner:
         return int(features["x"].size // max(1, features["x"].shape[1]))
 
     def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        from models.audio import chunk_items, forward_groups, stack_chunks
-
         torch = self.torch
         items = chunk_items(batch)
         per_item: list[np.ndarray] = [np.zeros(0, np.int32)] * len(items)
@@ -323,8 +328,6 @@ class AutomaticSpeechRecognition:
     training_text_inputs: tuple[str, ...] = ()
 
     def parse_params(self, params: Mapping[str, Any], *, key: str) -> AutomaticSpeechRecognitionParams:
-        from pipeline.errors import SpecError
-
         p = parse_params_dataclass(AutomaticSpeechRecognitionParams, params, key=key)
         check_max_duration(p.max_duration_s, key=f"{key}.max_duration_s")
         if p.chunk_length_s is not None and not p.chunk_length_s > 0:
@@ -377,8 +380,6 @@ class AutomaticSpeechRecognition:
         """`jobs.finetune` hook (driver side): the CTC vocabulary, the sorted characters of the transcripts
         (after normalisation; the space becomes the word delimiter "|"). Non-string transcripts fail here,
         before Ray starts."""
-        from pipeline.errors import SpecError
-
         opts = self.parse_training_options(options, key="train.options")
         bad = [f"{type(v).__name__} {v!r}"[:60] for v in values if not isinstance(v, str)]
         if bad:
@@ -443,10 +444,6 @@ def normalize_transcript(text: str, *, lowercase: bool) -> str:
 
 def ctc_tokenizer(chars: tuple[str, ...], *, lowercase: bool) -> Any:
     """A Wav2Vec2CTCTokenizer over `_CTC_SPECIALS` + `chars` (built in a temporary folder)."""
-    import json
-    import tempfile
-    from pathlib import Path
-
     from transformers import Wav2Vec2CTCTokenizer
 
     vocab = {t: i for i, t in enumerate(_CTC_SPECIALS + tuple(c for c in chars if c not in _CTC_SPECIALS))}

@@ -44,15 +44,17 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from models.image_segmentation import (
+from models.images import (
+    DEFAULT_MAX_PIXELS,
+    ImagePreprocessor,
     ShapeGroupedRunner,
+    check_max_pixels,
+    label_array,
     load_image_processor,
     model_outputs,
-    preprocess_images,
 )
-from models.images import DEFAULT_MAX_PIXELS, check_max_pixels
-from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
+from pipeline.errors import ModelError, SpecError
 
 __all__ = [
     "DEPTH_TYPE",
@@ -139,29 +141,9 @@ def decode_depth(value: Mapping[str, Any]) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(np.float32)
 
 
-class _Preprocessor:
-    def __init__(self, model_dir: str, params: DepthEstimationParams) -> None:
-        from models.images import compact_pixels
-
-        self.processor = load_image_processor(model_dir)
-        self.compact = compact_pixels(self.processor)
-        self.params = params
-
-    def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
-        return preprocess_images(
-            self.processor,
-            columns["image"],
-            compact=self.compact,
-            max_pixels=self.params.max_pixels,
-            storage_options=self.params.storage_options,
-        )
-
-
 class _Postprocessor:
     def __init__(self, model_dir: str, params: DepthEstimationParams) -> None:
         from transformers.pipelines.depth_estimation import DepthEstimationPipeline
-
-        from pipeline.errors import ModelError
 
         processor = load_image_processor(model_dir)
         if not hasattr(processor, "post_process_depth_estimation"):
@@ -215,25 +197,22 @@ class DepthEstimation:
             fields.append(("preview", pa.binary()))
         return pa.schema(fields)
 
-    def load_preprocessor(self, model_dir: str, params: DepthEstimationParams) -> _Preprocessor:
-        return _Preprocessor(model_dir, params)
+    def load_preprocessor(self, model_dir: str, params: DepthEstimationParams) -> ImagePreprocessor:
+        return ImagePreprocessor(model_dir, params)
 
     def load_runner(
         self, model_dir: str, params: DepthEstimationParams, *, device: str, dtype: str
     ) -> ShapeGroupedRunner:
         from transformers import AutoModelForDepthEstimation
 
-        model = load_pretrained(AutoModelForDepthEstimation, model_dir, device=device, dtype=dtype)
-        return ShapeGroupedRunner(
-            model, load_image_processor(model_dir), fields=("predicted_depth",), device=device, dtype=dtype
+        return ShapeGroupedRunner.load(
+            AutoModelForDepthEstimation, model_dir, fields=("predicted_depth",), device=device, dtype=dtype
         )
 
     def load_postprocessor(self, model_dir: str, params: DepthEstimationParams) -> _Postprocessor:
         return _Postprocessor(model_dir, params)
 
     def parse_training_options(self, options: Mapping[str, Any], *, key: str) -> DepthTrainingOptions:
-        from pipeline.errors import SpecError
-
         opts = parse_params_dataclass(DepthTrainingOptions, options, key=key)
         check_max_pixels(opts.max_pixels, key=f"{key}.max_pixels")
         if not opts.depth_scale > 0:
@@ -262,29 +241,15 @@ def depth_map(value: Any, *, storage_options: Mapping[str, Any] | None = None) -
     """One depth label → a float32 (H, W) map. Accepts this task's `depth` struct, image bytes (16-bit PNG,
     float TIFF, ...), an HF Image struct {bytes, path}, a path/URI, a nested list (H, W) or an array.
     Raises ValueError saying what is wrong with the value."""
-    from PIL import Image
-
     if isinstance(value, Mapping) and "data" in value and "shape" in value:
         return decode_depth(value)
-    if isinstance(value, Mapping) and value.get("bytes") is None and value.get("path"):
-        value = value["path"]
-    elif isinstance(value, Mapping):
-        value = value.get("bytes")
-    if isinstance(value, str):
-        import fsspec
-
-        with fsspec.open(value, "rb", **(storage_options or {})) as f:
-            value = f.read()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(bytes(value))) as image:
-                array = np.asarray(image)
-        except Exception as e:  # noqa: BLE001 - any decoder error means the same here
-            raise ValueError(f"the depth map does not decode as an image ({type(e).__name__}: {e})") from e
-    elif value is None:
-        raise ValueError("the depth map is null; every training image needs one")
-    else:
-        array = np.asarray(value, dtype=np.float32)
+    array = label_array(
+        value,
+        what="the depth map",
+        if_null="the depth map is null; every training image needs one",
+        dtype=np.float32,
+        storage_options=storage_options,
+    )
     if array.ndim != 2:
         raise ValueError(f"a depth map is a single-channel (H, W) array, got shape {array.shape}")
     return array.astype(np.float32)

@@ -18,14 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
-from models.images import DEFAULT_MAX_PIXELS, check_max_pixels
-from models.loading import load_pretrained
+from models import classification
+from models.classification import FunctionToApply
+from models.images import (
+    DEFAULT_MAX_PIXELS,
+    ImagePreprocessor,
+    ShapeGroupedRunner,
+    check_max_pixels,
+    load_image_processor,
+)
 from models.registry import RowError, parse_params_dataclass, register_task
 
 __all__ = [
@@ -39,7 +44,7 @@ __all__ = [
 @dataclass(frozen=True)
 class ImageClassificationParams:
     top_k: int | None = 1
-    function_to_apply: Literal["default", "sigmoid", "softmax", "none"] = "default"
+    function_to_apply: FunctionToApply = "default"
     # Images with more pixels than this become error records before any pixel is decoded.
     max_pixels: int = DEFAULT_MAX_PIXELS
     # fsspec options for inputs given as URIs (e.g. {"endpoint_url": ...} for S3).
@@ -52,106 +57,6 @@ class ImageTrainingOptions:
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     storage_options: dict[str, Any] = field(default_factory=dict)
-
-
-_SCORE = pa.struct([("label", pa.string()), ("score", pa.float64())])
-
-
-def load_image_processor(model_dir: str) -> Any:
-    """The processor `transformers.pipeline` would load for this folder (PIL backend without torchvision)."""
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(model_dir)
-
-
-class _Preprocessor:
-    def __init__(self, model_dir: str, params: ImageClassificationParams) -> None:
-        from models.images import compact_pixels
-
-        self.processor = load_image_processor(model_dir)
-        self.compact = compact_pixels(self.processor)
-        self.params = params
-
-    def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
-        from models.images import load_images, pixel_values
-
-        images = load_images(
-            columns["image"], max_pixels=self.params.max_pixels, storage_options=self.params.storage_options
-        )
-        return [
-            image
-            if isinstance(image, RowError)
-            else {"pixel_values": pixel_values(self.processor, image, compact=self.compact)}
-            for image in images
-        ]
-
-
-class _Runner:
-    def __init__(self, model_dir: str, *, device: str, dtype: str) -> None:
-        import torch
-        from transformers import AutoModelForImageClassification
-
-        from models.images import pixel_norm
-
-        self.torch = torch
-        self.device = torch.device(device)
-        self.dtype = getattr(torch, dtype)
-        self.model = load_pretrained(AutoModelForImageClassification, model_dir, device=device, dtype=dtype)
-        self.norm = pixel_norm(load_image_processor(model_dir))
-
-    def length(self, features: Mapping[str, Any]) -> int:
-        return int(np.prod(features["pixel_values"].shape[-2:]))  # pixels: max_batch_tokens is a pixel budget
-
-    def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        from models.images import pixels_to_tensor, shape_groups
-
-        out: list[dict[str, Any]] = [{}] * len(batch)
-        arrays = [f["pixel_values"] for f in batch]
-        for idx in shape_groups(arrays):
-            pixels = pixels_to_tensor(
-                [arrays[i] for i in idx], self.norm, device=self.device, dtype=self.dtype
-            )  # (B, C, H, W)
-            with self.torch.inference_mode():
-                logits = self.model(pixel_values=pixels).logits.float().cpu().numpy()  # (B, num_labels)
-            for j, i in enumerate(idx):
-                out[i] = {"logits": logits[j]}
-        return out
-
-
-class _Postprocessor:
-    def __init__(self, model_dir: str, params: ImageClassificationParams) -> None:
-        from transformers import AutoConfig
-        from transformers.pipelines.image_classification import (
-            ClassificationFunction,
-            ImageClassificationPipeline,
-        )
-
-        config = AutoConfig.from_pretrained(model_dir)
-        # The pipeline's postprocess only reads `self.model.config`; calling it keeps parity by construction.
-        self._pipe = SimpleNamespace(model=SimpleNamespace(config=config))
-        self._postprocess = ImageClassificationPipeline.postprocess
-        # The pipeline has no "all labels" value for top_k (None means its default, 5): all = num_labels.
-        self.top_k = params.top_k if params.top_k is not None else config.num_labels
-        self.all_scores = params.top_k != 1
-        self.function_to_apply = (
-            None
-            if params.function_to_apply == "default"
-            else ClassificationFunction(params.function_to_apply)
-        )
-
-    def __call__(
-        self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        import torch
-
-        logits = torch.from_numpy(np.array(output["logits"], dtype=np.float32))[None]  # (1, num_labels)
-        scores = self._postprocess(
-            self._pipe, {"logits": logits}, function_to_apply=self.function_to_apply, top_k=self.top_k
-        )
-        row: dict[str, Any] = {"label": scores[0]["label"], "score": scores[0]["score"]}
-        if self.all_scores:
-            row["scores"] = scores
-        return row
 
 
 @register_task("image-classification")
@@ -167,29 +72,44 @@ class ImageClassification:
 
     def parse_params(self, params: Mapping[str, Any], *, key: str) -> ImageClassificationParams:
         p = parse_params_dataclass(ImageClassificationParams, params, key=key)
-        if p.top_k is not None and p.top_k < 1:
-            from pipeline.errors import SpecError
-
-            raise SpecError(f"{key}.top_k", f"must be >= 1 or null (all labels), got {p.top_k}")
+        classification.check_top_k(p.top_k, key=key)
         check_max_pixels(p.max_pixels, key=f"{key}.max_pixels")
         return p
 
     def output_schema(self, params: ImageClassificationParams) -> pa.Schema:
-        fields = [("label", pa.string()), ("score", pa.float64())]
-        if params.top_k != 1:
-            fields.append(("scores", pa.list_(_SCORE)))
-        return pa.schema(fields)
+        return classification.output_schema(params.top_k)
 
-    def load_preprocessor(self, model_dir: str, params: ImageClassificationParams) -> _Preprocessor:
-        return _Preprocessor(model_dir, params)
+    def load_preprocessor(self, model_dir: str, params: ImageClassificationParams) -> ImagePreprocessor:
+        return ImagePreprocessor(model_dir, params, orig_size=False)
 
     def load_runner(
         self, model_dir: str, params: ImageClassificationParams, *, device: str, dtype: str
-    ) -> _Runner:
-        return _Runner(model_dir, device=device, dtype=dtype)
+    ) -> ShapeGroupedRunner:
+        from transformers import AutoModelForImageClassification
 
-    def load_postprocessor(self, model_dir: str, params: ImageClassificationParams) -> _Postprocessor:
-        return _Postprocessor(model_dir, params)
+        return ShapeGroupedRunner.load(
+            AutoModelForImageClassification, model_dir, fields=("logits",), device=device, dtype=dtype
+        )
+
+    def load_postprocessor(
+        self, model_dir: str, params: ImageClassificationParams
+    ) -> classification.LabelPostprocessor:
+        from transformers.pipelines.image_classification import (
+            ClassificationFunction,
+            ImageClassificationPipeline,
+        )
+
+        function = classification.function_name(params.function_to_apply)
+        function_enum = None if function is None else ClassificationFunction(function)
+
+        def scores(pipe: Any, logits: Any) -> list[Any]:
+            # The pipeline has no "all labels" value for top_k (None means its default, 5): all = num_labels.
+            k = params.top_k if params.top_k is not None else pipe.model.config.num_labels
+            return ImageClassificationPipeline.postprocess(
+                pipe, {"logits": logits}, function_to_apply=function_enum, top_k=k
+            )
+
+        return classification.LabelPostprocessor(model_dir, params.top_k, scores)
 
     def parse_training_options(self, options: Mapping[str, Any], *, key: str) -> ImageTrainingOptions:
         opts = parse_params_dataclass(ImageTrainingOptions, options, key=key)

@@ -36,6 +36,7 @@ processed size.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -44,10 +45,18 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from models.images import DEFAULT_MAX_PIXELS, check_max_pixels
-from models.loading import load_pretrained
+from models.images import (
+    DEFAULT_MAX_PIXELS,
+    ImagePreprocessor,
+    ShapeGroupedRunner,
+    check_max_pixels,
+    label_array,
+    load_image_processor,
+    model_outputs,
+)
 from models.masks import RLE_TYPE, decode_mask, encode_mask
 from models.registry import RowError, parse_params_dataclass, register_task
+from pipeline.errors import ModelError, SpecError
 
 __all__ = [
     "SEGMENT_TYPE",
@@ -90,26 +99,9 @@ class SegmentationTrainingOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
-def load_image_processor(model_dir: str) -> Any:
-    """The processor `transformers.pipeline` would load for this folder (same call, same backend choice)."""
-    from transformers import AutoImageProcessor
-
-    from pipeline.errors import ModelError
-
-    try:
-        return AutoImageProcessor.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise ModelError(
-            f"no image processor in {model_dir!r} ({e}); the folder needs a preprocessor_config.json, as "
-            "`save_pretrained` of the model's image processor writes it"
-        ) from e
-
-
 def _model_class(config: Any) -> Any:
     """The auto class the pipeline would use: image, semantic, then universal/instance segmentation."""
     import transformers
-
-    from pipeline.errors import ModelError
 
     if type(config).__name__ == "OneFormerConfig":
         raise ModelError(
@@ -133,8 +125,6 @@ def _model_class(config: Any) -> Any:
 
 def resolve_subtask(processor: Any, subtask: str | None) -> str:
     """The subtask the pipeline's postprocess runs for `subtask` with this processor; ModelError if none."""
-    from pipeline.errors import ModelError
-
     supported = [s for s in _SUBTASK_ORDER if hasattr(processor, f"post_process_{s}_segmentation")]
     for s in supported:
         if subtask in (s, None):
@@ -145,124 +135,8 @@ def resolve_subtask(processor: Any, subtask: str | None) -> str:
     )
 
 
-class _Preprocessor:
-    def __init__(self, model_dir: str, params: ImageSegmentationParams) -> None:
-        from models.images import compact_pixels
-
-        self.processor = load_image_processor(model_dir)
-        self.compact = compact_pixels(self.processor)
-        self.params = params
-
-    def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
-        return preprocess_images(
-            self.processor,
-            columns["image"],
-            compact=self.compact,
-            max_pixels=self.params.max_pixels,
-            storage_options=self.params.storage_options,
-        )
-
-
-def preprocess_images(
-    processor: Any,
-    values: list[Any],
-    *,
-    compact: bool,
-    max_pixels: int,
-    storage_options: Mapping[str, Any] | None = None,
-) -> list[dict[str, Any] | RowError]:
-    """Decode each value and run the processor: {pixel_values (C, H, W) uint8|float32, orig_size (2,) int32}."""
-    from models.images import image_size, load_images, pixel_values
-
-    out: list[dict[str, Any] | RowError] = []
-    for image in load_images(values, max_pixels=max_pixels, storage_options=storage_options):
-        if isinstance(image, RowError):
-            out.append(image)
-            continue
-        try:
-            pixels = pixel_values(processor, image, compact=compact)
-        except Exception as e:  # noqa: BLE001 - a processor failure costs only this row
-            out.append(
-                RowError(
-                    "ImageProcessorError",
-                    f"the model's image processor failed on this {image.width}x{image.height} image: "
-                    f"{type(e).__name__}: {e}",
-                )
-            )
-            continue
-        out.append({"pixel_values": pixels, "orig_size": image_size(image)})
-    return out
-
-
-class ShapeGroupedRunner:
-    """Forward of an image model over per-row pixels: rows of one processed size go through together.
-
-    Shared by image-segmentation and depth-estimation (`fields` = the output tensors to return)."""
-
-    def __init__(
-        self, model: Any, processor: Any, *, fields: tuple[str, ...], device: str, dtype: str
-    ) -> None:
-        import torch
-
-        from models.images import pixel_norm
-
-        self.torch = torch
-        self.device = torch.device(device)
-        self.dtype = getattr(torch, dtype)
-        self.model = model.to(self.device).eval()
-        self.norm = pixel_norm(processor)
-        self.fields = fields
-
-    def length(self, features: Mapping[str, Any]) -> int:
-        # Pixels per row: sorts same-size rows next to each other and makes max_batch_tokens a pixel budget.
-        shape = features["pixel_values"].shape  # (C, H, W)
-        return int(shape[-2] * shape[-1])
-
-    def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        from models.images import pixels_to_tensor, shape_groups
-
-        arrays = [f["pixel_values"] for f in batch]
-        out: list[dict[str, Any]] = [{} for _ in batch]
-        for group in shape_groups(arrays):
-            pixels = pixels_to_tensor(
-                [arrays[i] for i in group], self.norm, device=self.device, dtype=self.dtype
-            )  # (B, C, H, W)
-            with self.torch.inference_mode():
-                result = self.model(pixel_values=pixels)
-            for name in self.fields:
-                value = getattr(result, name, None)
-                if value is None:
-                    continue
-                array = value.float().cpu().numpy()  # (B, ...)
-                for r, i in enumerate(group):
-                    out[i][name] = array[r]
-        return out
-
-
-class _ModelOutputs(dict):
-    """What the processors' post_process methods and the pipeline's postprocess read: a dict of batched
-    tensors with attribute access (`outputs.logits`) and item access (`outputs["target_size"]`)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def model_outputs(output: Mapping[str, Any]) -> _ModelOutputs:
-    """A row's raw outputs → batch-of-one tensors, as the pipeline's `_forward` hands them to postprocess."""
-    import torch
-
-    return _ModelOutputs(
-        {k: torch.from_numpy(np.array(v, dtype=np.float32))[None] for k, v in output.items()}
-    )
-
-
 class _Postprocessor:
     def __init__(self, model_dir: str, params: ImageSegmentationParams) -> None:
-        import logging
-
         from transformers import AutoConfig
         from transformers.pipelines.image_segmentation import ImageSegmentationPipeline
 
@@ -321,8 +195,6 @@ class ImageSegmentation:
     training_text_inputs = ()
 
     def parse_params(self, params: Mapping[str, Any], *, key: str) -> ImageSegmentationParams:
-        from pipeline.errors import SpecError
-
         p = parse_params_dataclass(ImageSegmentationParams, params, key=key)
         for name in ("threshold", "mask_threshold", "overlap_mask_area_threshold"):
             value = getattr(p, name)
@@ -334,8 +206,8 @@ class ImageSegmentation:
     def output_schema(self, params: ImageSegmentationParams) -> pa.Schema:
         return pa.schema([("segments", pa.list_(SEGMENT_TYPE))])
 
-    def load_preprocessor(self, model_dir: str, params: ImageSegmentationParams) -> _Preprocessor:
-        return _Preprocessor(model_dir, params)
+    def load_preprocessor(self, model_dir: str, params: ImageSegmentationParams) -> ImagePreprocessor:
+        return ImagePreprocessor(model_dir, params)
 
     def load_runner(
         self, model_dir: str, params: ImageSegmentationParams, *, device: str, dtype: str
@@ -343,17 +215,12 @@ class ImageSegmentation:
         from transformers import AutoConfig
 
         auto = _model_class(AutoConfig.from_pretrained(model_dir))
-        model = load_pretrained(auto, model_dir, device=device, dtype=dtype)
-        return ShapeGroupedRunner(
-            model, load_image_processor(model_dir), fields=_OUTPUT_FIELDS, device=device, dtype=dtype
-        )
+        return ShapeGroupedRunner.load(auto, model_dir, fields=_OUTPUT_FIELDS, device=device, dtype=dtype)
 
     def load_postprocessor(self, model_dir: str, params: ImageSegmentationParams) -> _Postprocessor:
         return _Postprocessor(model_dir, params)
 
     def parse_training_options(self, options: Mapping[str, Any], *, key: str) -> SegmentationTrainingOptions:
-        from pipeline.errors import SpecError
-
         opts = parse_params_dataclass(SegmentationTrainingOptions, options, key=key)
         check_max_pixels(opts.max_pixels, key=f"{key}.max_pixels")
         if not 0 <= opts.ignore_index <= 255:
@@ -381,29 +248,12 @@ def class_map(value: Any, *, storage_options: Mapping[str, Any] | None = None) -
     """One mask value → a (H, W) uint8 class-index map. Accepts image bytes (PNG of class ids, mode L/P or
     16-bit), an HF Image struct {bytes, path}, a path/URI, a nested list (H, W) of ids or an array.
     Raises ValueError saying what is wrong with the value."""
-    import io
-
-    from PIL import Image
-
-    if isinstance(value, Mapping) and value.get("bytes") is None and value.get("path"):
-        value = value["path"]
-    elif isinstance(value, Mapping):
-        value = value.get("bytes")
-    if isinstance(value, str):
-        import fsspec
-
-        with fsspec.open(value, "rb", **(storage_options or {})) as f:
-            value = f.read()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(bytes(value))) as image:
-                array = np.asarray(image)
-        except Exception as e:  # noqa: BLE001 - any decoder error means the same here
-            raise ValueError(f"the mask does not decode as an image ({type(e).__name__}: {e})") from e
-    elif value is None:
-        raise ValueError("the mask is null; every training image needs its class-index map")
-    else:
-        array = np.asarray(value)
+    array = label_array(
+        value,
+        what="the mask",
+        if_null="the mask is null; every training image needs its class-index map",
+        storage_options=storage_options,
+    )
     if array.ndim != 2:
         raise ValueError(
             f"a mask is a single-channel (H, W) map of class ids, got an array of shape {array.shape}; save "

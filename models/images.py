@@ -36,22 +36,31 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.loading import load_pretrained
 from models.registry import RowError
+from pipeline.errors import ModelError, SpecError
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "ImagePreprocessor",
+    "ModelOutputs",
     "PixelNorm",
+    "ShapeGroupedRunner",
     "check_max_pixels",
     "compact_pixels",
     "image_size",
+    "label_array",
     "load_image",
+    "load_image_processor",
     "load_images",
+    "model_outputs",
     "pixel_norm",
     "pixel_values",
     "pixels_to_tensor",
+    "preprocess_images",
     "shape_groups",
 ]
 
@@ -76,8 +85,6 @@ _SIGNATURES = (
 def check_max_pixels(value: int, *, key: str) -> None:
     """Driver-side validation of a task's `max_pixels` param."""
     if value < 1:
-        from pipeline.errors import SpecError
-
         raise SpecError(key, f"must be a positive pixel count (default {DEFAULT_MAX_PIXELS:,}), got {value}")
 
 
@@ -346,3 +353,176 @@ def shape_groups(arrays: Sequence[np.ndarray]) -> list[list[int]]:
     for i, arr in enumerate(arrays):
         groups.setdefault(tuple(arr.shape), []).append(i)
     return list(groups.values())
+
+
+# --- the vision tasks' shared stages -----------------------------------------------------------------------
+
+
+def load_image_processor(model_dir: str) -> Any:
+    """The processor `transformers.pipeline` would load for this folder (same call, same backend choice)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"no image processor in {model_dir!r} ({e}); the folder needs a preprocessor_config.json, as "
+            "`save_pretrained` of the model's image processor writes it"
+        ) from e
+
+
+def preprocess_images(
+    processor: Any,
+    values: list[Any],
+    *,
+    compact: bool,
+    max_pixels: int,
+    storage_options: Mapping[str, Any] | None = None,
+    orig_size: bool = True,
+) -> list[dict[str, Any] | RowError]:
+    """Decode each value and run the processor: {pixel_values (C, H, W) uint8|float32, orig_size (2,) int32
+    (height, width of the decoded, upright image; with `orig_size`)}. A processor failure is that row's error."""
+    out: list[dict[str, Any] | RowError] = []
+    for image in load_images(values, max_pixels=max_pixels, storage_options=storage_options):
+        if isinstance(image, RowError):
+            out.append(image)
+            continue
+        try:
+            pixels = pixel_values(processor, image, compact=compact)
+        except Exception as e:  # noqa: BLE001 - a processor failure costs only this row
+            out.append(
+                RowError(
+                    "ImageProcessorError",
+                    f"the model's image processor failed on this {image.width}x{image.height} image: "
+                    f"{type(e).__name__}: {e}",
+                )
+            )
+            continue
+        row = {"pixel_values": pixels}
+        if orig_size:
+            row["orig_size"] = image_size(image)
+        out.append(row)
+    return out
+
+
+class ImagePreprocessor:
+    """The CPU preprocess of the vision tasks: the `image` input through `preprocess_images`, with the
+    `max_pixels` and `storage_options` of the task's params."""
+
+    def __init__(self, model_dir: str, params: Any, *, orig_size: bool = True) -> None:
+        self.processor = load_image_processor(model_dir)
+        self.compact = compact_pixels(self.processor)
+        self.max_pixels: int = params.max_pixels
+        self.storage_options: Mapping[str, Any] | None = params.storage_options
+        self.orig_size = orig_size
+
+    def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
+        return preprocess_images(
+            self.processor,
+            columns["image"],
+            compact=self.compact,
+            max_pixels=self.max_pixels,
+            storage_options=self.storage_options,
+            orig_size=self.orig_size,
+        )
+
+
+class ShapeGroupedRunner:
+    """Forward of an image model over per-row pixels: rows of one processed size go through together.
+
+    Shared by the vision tasks (`fields` = the output tensors to return; a field the model leaves None is
+    left out of the row)."""
+
+    def __init__(
+        self, model: Any, processor: Any, *, fields: tuple[str, ...], device: str, dtype: str
+    ) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.model = model.to(self.device).eval()
+        self.norm = pixel_norm(processor)
+        self.fields = fields
+
+    @classmethod
+    def load(
+        cls, auto: Any, model_dir: str, *, fields: tuple[str, ...], device: str, dtype: str
+    ) -> ShapeGroupedRunner:
+        """The runner of `auto.from_pretrained(model_dir)` (see `models.loading.load_pretrained`)."""
+        model = load_pretrained(auto, model_dir, device=device, dtype=dtype)
+        return cls(model, load_image_processor(model_dir), fields=fields, device=device, dtype=dtype)
+
+    def length(self, features: Mapping[str, Any]) -> int:
+        # Pixels per row: sorts same-size rows next to each other and makes max_batch_tokens a pixel budget.
+        shape = features["pixel_values"].shape  # (C, H, W)
+        return int(shape[-2] * shape[-1])
+
+    def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        arrays = [f["pixel_values"] for f in batch]
+        out: list[dict[str, Any]] = [{} for _ in batch]
+        for group in shape_groups(arrays):
+            pixels = pixels_to_tensor(
+                [arrays[i] for i in group], self.norm, device=self.device, dtype=self.dtype
+            )  # (B, C, H, W)
+            with self.torch.inference_mode():
+                result = self.model(pixel_values=pixels)
+            for name in self.fields:
+                value = getattr(result, name, None)
+                if value is None:
+                    continue
+                array = value.float().cpu().numpy()  # (B, ...)
+                for r, i in enumerate(group):
+                    out[i][name] = array[r]
+        return out
+
+
+class ModelOutputs(dict):
+    """What the processors' post_process methods and the pipelines' postprocess read: a dict of batched
+    tensors with attribute access (`outputs.logits`) and item access (`outputs["target_size"]`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def model_outputs(output: Mapping[str, Any]) -> ModelOutputs:
+    """A row's raw outputs → batch-of-one float32 tensors, as the pipeline's `_forward` hands them on."""
+    import torch
+
+    return ModelOutputs({k: torch.from_numpy(np.array(v, dtype=np.float32))[None] for k, v in output.items()})
+
+
+def label_array(
+    value: Any,
+    *,
+    what: str,
+    if_null: str,
+    dtype: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """A per-pixel training label (a class map, a depth map) as its raw array: image bytes (PNG, 16-bit PNG,
+    float TIFF, ...), an HF Image struct {bytes, path}, a path/URI, a nested list or an array (as `dtype`).
+    Raises ValueError naming `what` ("the mask") when it does not decode, or `if_null` when it is null."""
+    from PIL import Image
+
+    if isinstance(value, Mapping) and value.get("bytes") is None and value.get("path"):
+        value = value["path"]
+    elif isinstance(value, Mapping):
+        value = value.get("bytes")
+    if isinstance(value, str):
+        import fsspec
+
+        with fsspec.open(value, "rb", **(storage_options or {})) as f:
+            value = f.read()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            with Image.open(io.BytesIO(bytes(value))) as image:
+                return np.asarray(image)
+        except Exception as e:  # noqa: BLE001 - any decoder error means the same here
+            raise ValueError(f"{what} does not decode as an image ({type(e).__name__}: {e})") from e
+    if value is None:
+        raise ValueError(if_null)
+    return np.asarray(value, dtype=dtype)

@@ -17,17 +17,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from models.lora import ADAPTER_CONFIG, adapter_base, load_adapter_model
 from pipeline.errors import ModelError
+from pipeline.redact import scrub, secret_values
 
-__all__ = ["cache_dir", "check_model", "model_identity", "resolve_model"]
+__all__ = ["cache_dir", "check_model", "load_pretrained", "model_identity", "resolve_model"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Files hashed into the job fingerprint: weights and everything that changes outputs (config, vocab).
 _IDENTITY_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".bin")
 # Written last into a fetched model folder (before it is renamed into place).
 _COMPLETE = ".complete"
-# Marks a LoRA adapter folder (models.lora.ADAPTER_CONFIG; not imported: this module stays light).
-_ADAPTER_CONFIG = "adapter_config.json"
 
 
 def cache_dir() -> Path:
@@ -83,14 +83,14 @@ def check_model(
         if not names:
             raise ModelError(f"model {uri!r} is empty or does not exist; point `model` at a model folder")
         _check_files(uri, names)
-        if _ADAPTER_CONFIG in names:
-            _check_adapter_base(uri, fs.cat_file(posixpath.join(root, _ADAPTER_CONFIG)).decode())
+        if ADAPTER_CONFIG in names:
+            _check_adapter_base(uri, fs.cat_file(posixpath.join(root, ADAPTER_CONFIG)).decode())
         return
     path = _local_path(uri)
     if path.is_dir():
         _check_files(uri, {str(p.relative_to(path)) for p in path.iterdir()})
-        if (path / _ADAPTER_CONFIG).is_file():
-            _check_adapter_base(uri, (path / _ADAPTER_CONFIG).read_text())
+        if (path / ADAPTER_CONFIG).is_file():
+            _check_adapter_base(uri, (path / ADAPTER_CONFIG).read_text())
         return
     where = f"{uri!r} (resolved to {path.resolve()})"
     if path.exists():
@@ -114,7 +114,7 @@ def check_model(
 
 def _check_files(uri: str, names: set[str]) -> None:
     """Top-level file names of a model folder: a config and safetensors weights."""
-    if "config.json" not in names and _ADAPTER_CONFIG in names:
+    if "config.json" not in names and ADAPTER_CONFIG in names:
         raise ModelError(
             f"model {uri!r} is a LoRA adapter folder without the fine-tuned model's config.json; shardwise "
             "loads adapter folders that a shardwise fine-tune wrote (train.lora.merge: false), which keep "
@@ -140,16 +140,14 @@ def _check_files(uri: str, names: set[str]) -> None:
 
 def _check_adapter_base(uri: str, config_text: str) -> None:
     """A LoRA adapter folder is only as loadable as the base model its adapter_config.json names."""
-    from models.lora import adapter_base
-
     base = adapter_base(config_text, uri=uri)
     if base.rstrip("/") == uri.rstrip("/"):
-        raise ModelError(f"model {uri!r}: {_ADAPTER_CONFIG} names the adapter folder itself as its base")
+        raise ModelError(f"model {uri!r}: {ADAPTER_CONFIG} names the adapter folder itself as its base")
     try:
         check_model(base)
     except ModelError as e:
         raise ModelError(
-            f"model {uri!r} is a LoRA adapter whose base model (base_model_name_or_path in {_ADAPTER_CONFIG}) "
+            f"model {uri!r} is a LoRA adapter whose base model (base_model_name_or_path in {ADAPTER_CONFIG}) "
             f"cannot be loaded: {e}. Put the base model back where the fine-tune read it, or edit "
             f"base_model_name_or_path to where it is now"
         ) from e
@@ -252,8 +250,6 @@ def _inside(folder: Path, rel: str, *, key: str, uri: str) -> Path:
 
 
 def _scrubbed(error: BaseException, storage_options: dict[str, Any]) -> str:
-    from pipeline.redact import scrub, secret_values
-
     return scrub(str(error), secret_values(storage_options))
 
 
@@ -296,10 +292,8 @@ def model_identity(
             for p, i in listing
         }
         identity: dict[str, Any] = {"uri": uri, "files": listed}
-        if _ADAPTER_CONFIG in listed:
-            identity["base"] = _base_identity(
-                uri, fs.cat_file(posixpath.join(root, _ADAPTER_CONFIG)).decode()
-            )
+        if ADAPTER_CONFIG in listed:
+            identity["base"] = _base_identity(uri, fs.cat_file(posixpath.join(root, ADAPTER_CONFIG)).decode())
         return identity
     path = _local_path(uri)
     if path.is_dir():
@@ -311,19 +305,17 @@ def model_identity(
             and not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts)
         }
         identity = {"uri": str(path.resolve()), "files": files}
-        if (path / _ADAPTER_CONFIG).is_file():
-            identity["base"] = _base_identity(uri, (path / _ADAPTER_CONFIG).read_text())
+        if (path / ADAPTER_CONFIG).is_file():
+            identity["base"] = _base_identity(uri, (path / ADAPTER_CONFIG).read_text())
         return identity
     return {"hub_id": uri, "revision": revision or "main"}
 
 
 def _base_identity(uri: str, config_text: str) -> dict[str, Any]:
     """A LoRA adapter's outputs depend on its base model's weights as much as on its own."""
-    from models.lora import adapter_base
-
     base = adapter_base(config_text, uri=uri)
     if base.rstrip("/") == uri.rstrip("/"):
-        raise ModelError(f"model {uri!r}: {_ADAPTER_CONFIG} names the adapter folder itself as its base")
+        raise ModelError(f"model {uri!r}: {ADAPTER_CONFIG} names the adapter folder itself as its base")
     return model_identity(base)
 
 
@@ -349,9 +341,7 @@ def load_pretrained(cls: Any, model_dir: str, *, device: str, dtype: Any, **kwar
     import torch
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if Path(model_dir, _ADAPTER_CONFIG).is_file():  # a LoRA adapter folder (train.lora.merge: false)
-        from models.lora import load_adapter_model
-
+    if Path(model_dir, ADAPTER_CONFIG).is_file():  # a LoRA adapter folder (train.lora.merge: false)
         model, missing = load_adapter_model(cls, model_dir, dtype=torch_dtype, **kwargs)
     else:
         model, info = cls.from_pretrained(

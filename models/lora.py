@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "adapter_base",
     "apply_lora",
     "head_modules",
     "is_adapter_folder",
@@ -251,7 +253,7 @@ def load_adapter_model(cls: Any, model_dir: str, *, dtype: Any, **kwargs: Any) -
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    from models.loading import resolve_model
+    from models.loading import resolve_model  # here, not at the top: models.loading imports this module
 
     base = resolve_model(adapter_base(Path(model_dir, ADAPTER_CONFIG).read_text(), uri=model_dir))
     if Path(base).resolve() == Path(model_dir).resolve():

@@ -23,6 +23,7 @@ Heavy imports (torch, sklearn, ...) stay inside the functions: the CLI imports t
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import re
 import string
@@ -421,8 +422,6 @@ def detection_metrics(
     per class. A reference is the image's list of gold objects: `{label, box: {xmin, ymin, xmax, ymax}}` (the
     predictions' shape) or COCO annotations `{category_id, bbox: [x, y, w, h]}` (ids named by label_names).
     A class with no gold object has no AP (-1 in COCO terms) and is left out of per_class."""
-    import contextlib
-
     import numpy as np
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval

@@ -23,9 +23,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from models.images import DEFAULT_MAX_PIXELS, check_max_pixels
-from models.loading import load_pretrained
+from models.images import (
+    DEFAULT_MAX_PIXELS,
+    ImagePreprocessor,
+    ShapeGroupedRunner,
+    check_max_pixels,
+    load_image_processor,
+    model_outputs,
+)
 from models.registry import RowError, parse_params_dataclass, register_task
+from pipeline.errors import SpecError
 
 __all__ = [
     "DetectionTrainingOptions",
@@ -60,81 +67,6 @@ _OBJECT = pa.struct([("label", pa.string()), ("score", pa.float64()), ("box", _B
 _OUTPUTS = ("logits", "pred_boxes")
 
 
-def load_image_processor(model_dir: str) -> Any:
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(model_dir)
-
-
-class _Preprocessor:
-    def __init__(self, model_dir: str, params: ObjectDetectionParams) -> None:
-        from models.images import compact_pixels
-
-        self.processor = load_image_processor(model_dir)
-        self.compact = compact_pixels(self.processor)
-        self.params = params
-
-    def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
-        from models.images import image_size, load_images, pixel_values
-
-        images = load_images(
-            columns["image"], max_pixels=self.params.max_pixels, storage_options=self.params.storage_options
-        )
-        return [
-            image
-            if isinstance(image, RowError)
-            else {
-                "pixel_values": pixel_values(self.processor, image, compact=self.compact),
-                "orig_size": image_size(image),  # (height, width) of the decoded, upright image
-            }
-            for image in images
-        ]
-
-
-class _Runner:
-    def __init__(self, model_dir: str, *, device: str, dtype: str) -> None:
-        import torch
-        from transformers import AutoModelForObjectDetection
-
-        from models.images import pixel_norm
-
-        self.torch = torch
-        self.device = torch.device(device)
-        self.dtype = getattr(torch, dtype)
-        self.model = load_pretrained(AutoModelForObjectDetection, model_dir, device=device, dtype=dtype)
-        self.norm = pixel_norm(load_image_processor(model_dir))
-
-    def length(self, features: Mapping[str, Any]) -> int:
-        # Pixels: sorting by it puts same-size images next to each other (one forward per size).
-        return int(np.prod(features["pixel_values"].shape[-2:]))
-
-    def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        from models.images import pixels_to_tensor, shape_groups
-
-        out: list[dict[str, Any]] = [{}] * len(batch)
-        arrays = [f["pixel_values"] for f in batch]
-        for idx in shape_groups(arrays):
-            pixels = pixels_to_tensor(
-                [arrays[i] for i in idx], self.norm, device=self.device, dtype=self.dtype
-            )
-            with self.torch.inference_mode():
-                result = self.model(pixel_values=pixels)  # logits (B, Q, C+1), pred_boxes (B, Q, 4)
-            raw = {name: getattr(result, name).float().cpu().numpy() for name in _OUTPUTS}
-            for j, i in enumerate(idx):
-                out[i] = {name: value[j] for name, value in raw.items()}
-        return out
-
-
-class _Outputs(dict):
-    """What `ObjectDetectionPipeline.postprocess` receives: items (target_size) and attributes (logits)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
 class _Postprocessor:
     def __init__(self, model_dir: str, params: ObjectDetectionParams) -> None:
         from transformers import AutoConfig
@@ -156,7 +88,7 @@ class _Postprocessor:
     ) -> dict[str, Any]:
         import torch
 
-        outputs = _Outputs({name: torch.from_numpy(np.array(output[name]))[None] for name in _OUTPUTS})
+        outputs = model_outputs({name: output[name] for name in _OUTPUTS})
         outputs["target_size"] = torch.from_numpy(np.array(features["orig_size"], dtype=np.int32))[
             None
         ]  # (1, 2)
@@ -178,8 +110,6 @@ class ObjectDetection:
     def parse_params(self, params: Mapping[str, Any], *, key: str) -> ObjectDetectionParams:
         p = parse_params_dataclass(ObjectDetectionParams, params, key=key)
         if not 0.0 <= p.threshold <= 1.0:
-            from pipeline.errors import SpecError
-
             raise SpecError(f"{key}.threshold", f"is a score threshold in [0, 1], got {p.threshold}")
         check_max_pixels(p.max_pixels, key=f"{key}.max_pixels")
         return p
@@ -187,13 +117,18 @@ class ObjectDetection:
     def output_schema(self, params: ObjectDetectionParams) -> pa.Schema:
         return pa.schema([("objects", pa.list_(_OBJECT))])
 
-    def load_preprocessor(self, model_dir: str, params: ObjectDetectionParams) -> _Preprocessor:
-        return _Preprocessor(model_dir, params)
+    def load_preprocessor(self, model_dir: str, params: ObjectDetectionParams) -> ImagePreprocessor:
+        return ImagePreprocessor(model_dir, params)
 
     def load_runner(
         self, model_dir: str, params: ObjectDetectionParams, *, device: str, dtype: str
-    ) -> _Runner:
-        return _Runner(model_dir, device=device, dtype=dtype)
+    ) -> ShapeGroupedRunner:
+        from transformers import AutoModelForObjectDetection
+
+        # logits (B, Q, C+1), pred_boxes (B, Q, 4)
+        return ShapeGroupedRunner.load(
+            AutoModelForObjectDetection, model_dir, fields=_OUTPUTS, device=device, dtype=dtype
+        )
 
     def load_postprocessor(self, model_dir: str, params: ObjectDetectionParams) -> _Postprocessor:
         return _Postprocessor(model_dir, params)
@@ -202,8 +137,6 @@ class ObjectDetection:
         opts = parse_params_dataclass(DetectionTrainingOptions, options, key=key)
         check_max_pixels(opts.max_pixels, key=f"{key}.max_pixels")
         if not 0.0 < opts.eval_iou <= 1.0:
-            from pipeline.errors import SpecError
-
             raise SpecError(f"{key}.eval_iou", f"is an IoU in (0, 1], got {opts.eval_iou}")
         return opts
 

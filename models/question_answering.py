@@ -40,6 +40,8 @@ import pyarrow as pa
 
 from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
+from models.text import check_text, load_tokenizer, model_max_length, pad_token_id, pad_tokens
+from pipeline.errors import SpecError
 
 __all__ = [
     "QuestionAnswering",
@@ -73,35 +75,21 @@ _ANSWER = pa.struct(
 
 
 def _load_fast_tokenizer(model_dir: str) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if not tokenizer.is_fast:
-        from pipeline.errors import ModelError
-
-        raise ModelError(
-            f"the tokenizer in {model_dir!r} is a slow (Python) tokenizer; question-answering needs a fast one "
-            "for character offsets and context windows. Save the model with a tokenizer.json"
-        )
-    return tokenizer
+    return load_tokenizer(
+        model_dir, fast_for="question-answering needs a fast one for character offsets and context windows"
+    )
 
 
-def _model_limit(model_dir: str, tokenizer: Any) -> int:
-    from transformers import AutoConfig
-
-    from models.text_classification import effective_max_length
-
-    return effective_max_length(tokenizer, AutoConfig.from_pretrained(model_dir), None)
+_model_limit = model_max_length  # the name the training code uses
 
 
 def _check_text(value: Any, name: str) -> str | RowError:
     if value is None:
         return RowError("InvalidInput", f"input {name!r} is null; expected a non-empty string")
-    if not isinstance(value, str):
-        return RowError("InvalidInput", f"input {name!r} is a {type(value).__name__}; expected a string")
-    if not value.strip():
+    text = check_text(value, name)
+    if isinstance(text, str) and not text.strip():
         return RowError("InvalidInput", f"input {name!r} is empty; a question and a context are both needed")
-    return value
+    return text
 
 
 def _truncate_question(tokenizer: Any, question: str, max_tokens: int) -> tuple[str, int]:
@@ -140,11 +128,9 @@ def _stride(requested: int | None, max_seq_len: int, room: int) -> int:
 class _Preprocessor:
     def __init__(self, model_dir: str, params: QuestionAnsweringParams) -> None:
         self.tokenizer = _load_fast_tokenizer(model_dir)
-        limit = _model_limit(model_dir, self.tokenizer)
+        limit = model_max_length(model_dir, self.tokenizer)
         self.max_seq_len = min(params.max_seq_len or _DEFAULT_MAX_SEQ_LEN, limit)
         if params.max_seq_len is not None and params.max_seq_len > limit:
-            from pipeline.errors import SpecError
-
             raise SpecError(
                 "params.max_seq_len",
                 f"is {params.max_seq_len} but the model takes at most {limit} tokens; lower it or leave it null",
@@ -155,7 +141,7 @@ class _Preprocessor:
         self.align_to_words = params.align_to_words
         self.context_index = 1 if self.tokenizer.padding_side == "right" else 0
         self.specials = self.tokenizer.num_special_tokens_to_add(pair=True)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(self.tokenizer)
 
     def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
         return [self._row(q, c) for q, c in zip(columns["question"], columns["context"], strict=True)]
@@ -226,7 +212,7 @@ class _Runner:
         self.device = torch.device(device)
         self.model = load_pretrained(AutoModelForQuestionAnswering, model_dir, device=device, dtype=dtype)
         tokenizer = _load_fast_tokenizer(model_dir)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(tokenizer)
         self.uses_types = "token_type_ids" in tokenizer.model_input_names
 
     def length(self, features: Mapping[str, Any]) -> int:
@@ -235,21 +221,8 @@ class _Runner:
     def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         torch = self.torch
         counts = [f["input_ids"].shape[0] for f in batch]
-        n, longest = sum(counts), max(f["input_ids"].shape[1] for f in batch)
-        ids = np.full((n, longest), self.pad_id, dtype=np.int64)  # (sum W, T)
-        mask = np.zeros((n, longest), dtype=np.int64)
-        types = np.zeros((n, longest), dtype=np.int64)
-        r = 0
-        for f in batch:
-            w, t = f["input_ids"].shape
-            ids[r : r + w, :t] = f["input_ids"]
-            mask[r : r + w, :t] = f["attention_mask"]
-            types[r : r + w, :t] = f["token_type_ids"]
-            r += w
-        inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-        if self.uses_types:
-            inputs["token_type_ids"] = torch.from_numpy(types)
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        padded = pad_tokens(batch, pad_id=self.pad_id, token_types=self.uses_types)  # (sum W, T)
+        inputs = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in padded.items()}
         with torch.inference_mode():
             out = self.model(**inputs)
             start = out.start_logits.float().cpu().numpy()  # (sum W, T)
@@ -321,8 +294,6 @@ class QuestionAnswering:
     training_text_inputs = ("question", "context")
 
     def parse_params(self, params: Mapping[str, Any], *, key: str) -> QuestionAnsweringParams:
-        from pipeline.errors import SpecError
-
         p = parse_params_dataclass(QuestionAnsweringParams, params, key=key)
         for name, low in (("top_k", 1), ("max_answer_len", 1), ("max_question_len", 1), ("max_seq_len", 8)):
             value = getattr(p, name)
@@ -363,8 +334,6 @@ class QuestionAnswering:
     def parse_training_options(
         self, options: Mapping[str, Any], *, key: str
     ) -> QuestionAnsweringTrainingOptions:
-        from pipeline.errors import SpecError
-
         o = parse_params_dataclass(QuestionAnsweringTrainingOptions, options, key=key)
         if o.doc_stride is not None and o.doc_stride < 0:
             raise SpecError(f"{key}.doc_stride", f"must be >= 0, got {o.doc_stride}")

@@ -20,6 +20,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from pipeline.block import ID
 from pipeline.errors import ShardwiseError, SpecError
 from pipeline.typed import build, type_name
 
@@ -33,6 +34,7 @@ __all__ = [
     "Task",
     "available_tasks",
     "check_inputs",
+    "describe_params",
     "get_task",
     "input_kind",
     "parse_params_dataclass",
@@ -59,8 +61,8 @@ _TASK_MODULES = (
 # Extra task modules (comma-separated), imported after `_TASK_MODULES`: the plugin hook described above.
 TASK_MODULES_ENV = "SHARDWISE_TASK_MODULES"
 
-# Key of the row ids in the columns a Preprocessor receives (same name as the block column).
-ROW_ID = "__id"
+# Key of the row ids in the columns a Preprocessor receives: the block column's own name.
+ROW_ID = ID
 
 _TASKS: dict[str, Task] = {}
 _loaded = False
@@ -76,7 +78,7 @@ class RowError(typing.NamedTuple):
 class Preprocessor(Protocol):
     """CPU side, in Ray tasks: raw input columns → numpy features per row (or a RowError).
 
-    `columns` maps each task input the stage maps to its values, plus `ROW_ID` ("__id") → the rows' ids
+    `columns` maps each task input the stage maps to its values, plus `ROW_ID` (`pipeline.block.ID`) → the rows' ids
     (stable across retries, resumes and replicas: use it to seed per-row randomness)."""
 
     def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]: ...

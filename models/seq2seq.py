@@ -38,8 +38,10 @@ from typing import Any
 import numpy as np
 
 from models.loading import load_pretrained
-from models.registry import RowError
-from models.text import clip_text
+from models.registry import RowError, parse_params_dataclass
+from models.text import clip_text, effective_max_length, pad_token_id, pad_tokens
+from models.text import load_tokenizer as _load_tokenizer  # the name the training code uses
+from pipeline.errors import SpecError
 
 __all__ = [
     "Seq2SeqParams",
@@ -85,8 +87,6 @@ class TranslationParams(Seq2SeqParams):
 
 
 def validate_params(p: Seq2SeqParams, *, key: str) -> None:
-    from pipeline.errors import SpecError
-
     checks = (
         ("num_beams", p.num_beams is None or p.num_beams >= 1, "must be >= 1"),
         ("max_new_tokens", p.max_new_tokens is None or p.max_new_tokens >= 1, "must be >= 1"),
@@ -130,8 +130,6 @@ def _task_key(task: str, config: Any, params: Seq2SeqParams) -> str:
 def _resolve(model_dir: str, task: str, params: Seq2SeqParams, tokenizer: Any) -> _Settings:
     from transformers import AutoConfig, GenerationConfig
 
-    from models.text_classification import effective_max_length
-
     config = AutoConfig.from_pretrained(model_dir)
     try:
         model_generation = GenerationConfig.from_pretrained(model_dir)
@@ -163,12 +161,6 @@ def _resolve(model_dir: str, task: str, params: Seq2SeqParams, tokenizer: Any) -
         src_lang=src,
         tgt_lang=tgt,
     )
-
-
-def _load_tokenizer(model_dir: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def _encode(tokenizer: Any, settings: _Settings, texts: list[str], *, truncation: bool) -> list[list[int]]:
@@ -232,26 +224,18 @@ class _Runner:
         self.model = load_pretrained(AutoModelForSeq2SeqLM, model_dir, device=device, dtype=dtype)
         tokenizer = _load_tokenizer(model_dir)
         self.settings = _resolve(model_dir, task, params, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(tokenizer)
 
     def length(self, features: Mapping[str, Any]) -> int:
         return int(features["input_ids"].shape[0])
 
     def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         torch = self.torch
-        n, longest = len(batch), max(len(f["input_ids"]) for f in batch)
-        ids = np.full((n, longest), self.pad_id, dtype=np.int64)  # (B, T), right-padded (encoder)
-        mask = np.zeros((n, longest), dtype=np.int64)
-        for r, f in enumerate(batch):
-            t = len(f["input_ids"])
-            ids[r, :t] = f["input_ids"]
-            mask[r, :t] = 1
+        n = len(batch)
+        padded = pad_tokens(batch, pad_id=self.pad_id)  # (B, T), right-padded (encoder)
+        inputs = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in padded.items()}
         with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=torch.from_numpy(ids).to(self.device, non_blocking=True),
-                attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True),
-                **self.settings.generate_kwargs,
-            )
+            out = self.model.generate(**inputs, **self.settings.generate_kwargs)
         out = out.cpu().numpy().astype(np.int32)  # (B, S): decoder start token, text, EOS, padding
         results = []
         for r in range(n):
@@ -298,9 +282,6 @@ class _TrainOptions:
 
 
 def parse_training_options(options: Mapping[str, Any], *, key: str) -> _TrainOptions:
-    from models.registry import parse_params_dataclass
-    from pipeline.errors import SpecError
-
     opts = parse_params_dataclass(_TrainOptions, options, key=key)
     if opts.max_target_length is not None and opts.max_target_length < 1:
         raise SpecError(f"{key}.max_target_length", f"must be >= 1, got {opts.max_target_length}")

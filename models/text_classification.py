@@ -13,64 +13,46 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from models import classification
+from models.classification import FunctionToApply
 from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
-from models.text import clip_text
+from models.text import (
+    check_text,
+    clip_text,
+    effective_max_length,
+    load_tokenizer,
+    model_max_length,
+    pad_token_id,
+    pad_tokens,
+)
 
-__all__ = ["TextClassification", "TextClassificationParams", "TextClassificationTrainable"]
+__all__ = [
+    "TextClassification",
+    "TextClassificationParams",
+    "TextClassificationTrainable",
+    "effective_max_length",  # re-exported from models.text: bench/text_classification.py imports it here
+]
 
 
 @dataclass(frozen=True)
 class TextClassificationParams:
     top_k: int | None = 1
-    function_to_apply: Literal["default", "sigmoid", "softmax", "none"] = "default"
+    function_to_apply: FunctionToApply = "default"
     truncation: bool = True
     # None: the tokenizer's model_max_length, capped by the model's position embeddings.
     max_length: int | None = None
 
 
-_SCORE = pa.struct([("label", pa.string()), ("score", pa.float64())])
-
-
-def _check_text(value: Any, name: str) -> str | RowError:
-    if value is None:
-        return RowError("InvalidInput", f"input {name!r} is null; expected a string")
-    if not isinstance(value, str):
-        return RowError("InvalidInput", f"input {name!r} is a {type(value).__name__}; expected a string")
-    return value
-
-
-def load_tokenizer(model_dir: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-def effective_max_length(tokenizer: Any, config: Any, requested: int | None) -> int:
-    """The longest input the model takes: the request, else the tokenizer's limit, capped by positions."""
-    limits = [requested] if requested else []
-    if tokenizer.model_max_length and tokenizer.model_max_length < 1_000_000:
-        limits.append(int(tokenizer.model_max_length))
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions:
-        limits.append(int(positions))
-    return min(limits) if limits else 512
-
-
 class _Preprocessor:
     def __init__(self, model_dir: str, params: TextClassificationParams) -> None:
-        from transformers import AutoConfig
-
         self.tokenizer = load_tokenizer(model_dir)
-        self.max_length = effective_max_length(
-            self.tokenizer, AutoConfig.from_pretrained(model_dir), params.max_length
-        )
+        self.max_length = model_max_length(model_dir, self.tokenizer, params.max_length)
         self.truncation = params.truncation
 
     def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
@@ -79,8 +61,8 @@ class _Preprocessor:
         out: list[dict[str, Any] | RowError] = [RowError("", "")] * len(texts)
         ok_rows, ok_text, ok_pair = [], [], []
         for i, value in enumerate(texts):
-            text = _check_text(value, "text")
-            pair = _check_text(pairs[i], "text_pair") if pairs is not None else None
+            text = check_text(value, "text")
+            pair = check_text(pairs[i], "text_pair") if pairs is not None else None
             if isinstance(text, RowError):
                 out[i] = text
             elif isinstance(pair, RowError):
@@ -125,61 +107,18 @@ class _Runner:
         self.model = load_pretrained(
             AutoModelForSequenceClassification, model_dir, device=device, dtype=dtype
         )
-        tokenizer = load_tokenizer(model_dir)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(load_tokenizer(model_dir))
 
     def length(self, features: Mapping[str, Any]) -> int:
         return int(features["input_ids"].shape[0])
 
     def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         torch = self.torch
-        n, longest = len(batch), max(len(f["input_ids"]) for f in batch)
-        ids = np.full((n, longest), self.pad_id, dtype=np.int64)  # (B, T)
-        mask = np.zeros((n, longest), dtype=np.int64)
-        types = np.zeros((n, longest), dtype=np.int64) if "token_type_ids" in batch[0] else None
-        for r, f in enumerate(batch):
-            t = len(f["input_ids"])
-            ids[r, :t] = f["input_ids"]
-            mask[r, :t] = 1
-            if types is not None:
-                types[r, :t] = f["token_type_ids"]
-        inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-        if types is not None:
-            inputs["token_type_ids"] = torch.from_numpy(types)
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        padded = pad_tokens(batch, pad_id=self.pad_id, token_types="token_type_ids" in batch[0])  # (B, T)
+        inputs = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in padded.items()}
         with torch.inference_mode():
             logits = self.model(**inputs).logits.float().cpu().numpy()  # (B, num_labels)
-        return [{"logits": logits[r]} for r in range(n)]
-
-
-class _Postprocessor:
-    def __init__(self, model_dir: str, params: TextClassificationParams) -> None:
-        from transformers import AutoConfig
-        from transformers.pipelines.text_classification import TextClassificationPipeline
-
-        # The pipeline's postprocess only reads `self.model.config`; calling it keeps parity by construction.
-        self._pipe = SimpleNamespace(model=SimpleNamespace(config=AutoConfig.from_pretrained(model_dir)))
-        self._postprocess = TextClassificationPipeline.postprocess
-        self.top_k = params.top_k
-        self.function_to_apply = None if params.function_to_apply == "default" else params.function_to_apply
-
-    def __call__(
-        self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        import torch
-
-        logits = torch.from_numpy(np.array(output["logits"], dtype=np.float32))[None]  # (1, num_labels)
-        scores = self._postprocess(
-            self._pipe,
-            {"logits": logits},
-            function_to_apply=self.function_to_apply,
-            top_k=self.top_k,
-            _legacy=False,
-        )
-        row: dict[str, Any] = {"label": scores[0]["label"], "score": scores[0]["score"]}
-        if self.top_k != 1:
-            row["scores"] = scores
-        return row
+        return [{"logits": row} for row in logits]
 
 
 @register_task("text-classification")
@@ -192,17 +131,11 @@ class TextClassification:
 
     def parse_params(self, params: Mapping[str, Any], *, key: str) -> TextClassificationParams:
         p = parse_params_dataclass(TextClassificationParams, params, key=key)
-        if p.top_k is not None and p.top_k < 1:
-            from pipeline.errors import SpecError
-
-            raise SpecError(f"{key}.top_k", f"must be >= 1 or null (all labels), got {p.top_k}")
+        classification.check_top_k(p.top_k, key=key)
         return p
 
     def output_schema(self, params: TextClassificationParams) -> pa.Schema:
-        fields = [("label", pa.string()), ("score", pa.float64())]
-        if params.top_k != 1:
-            fields.append(("scores", pa.list_(_SCORE)))
-        return pa.schema(fields)
+        return classification.output_schema(params.top_k)
 
     def load_preprocessor(self, model_dir: str, params: TextClassificationParams) -> _Preprocessor:
         return _Preprocessor(model_dir, params)
@@ -212,8 +145,19 @@ class TextClassification:
     ) -> _Runner:
         return _Runner(model_dir, device=device, dtype=dtype)
 
-    def load_postprocessor(self, model_dir: str, params: TextClassificationParams) -> _Postprocessor:
-        return _Postprocessor(model_dir, params)
+    def load_postprocessor(
+        self, model_dir: str, params: TextClassificationParams
+    ) -> classification.LabelPostprocessor:
+        from transformers.pipelines.text_classification import TextClassificationPipeline
+
+        function = classification.function_name(params.function_to_apply)
+
+        def scores(pipe: Any, logits: Any) -> list[Any]:
+            return TextClassificationPipeline.postprocess(
+                pipe, {"logits": logits}, function_to_apply=function, top_k=params.top_k, _legacy=False
+            )
+
+        return classification.LabelPostprocessor(model_dir, params.top_k, scores)
 
     def training(
         self, base_dir: str, *, label_names: tuple[str, ...], max_length: int, options: Mapping[str, Any]

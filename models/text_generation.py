@@ -44,7 +44,9 @@ import pyarrow as pa
 
 from models.loading import load_pretrained
 from models.registry import ROW_ID, RowError, parse_params_dataclass, register_task
-from models.text import clip_text
+from models.text import clip_text, effective_max_length, pad_tokens
+from models.text import load_tokenizer as _load_tokenizer  # the name the training code uses
+from pipeline.errors import SpecError
 
 __all__ = ["CausalLMTrainable", "CausalLMTrainOptions", "TextGeneration", "TextGenerationParams", "row_seed"]
 
@@ -128,8 +130,6 @@ def _resolve(model_dir: str, params: TextGenerationParams, tokenizer: Any) -> _S
     from transformers import AutoConfig, GenerationConfig
     from transformers.pipelines.text_generation import TextGenerationPipeline
 
-    from models.text_classification import effective_max_length
-
     config = AutoConfig.from_pretrained(model_dir)
     try:
         model_generation = GenerationConfig.from_pretrained(model_dir)
@@ -173,12 +173,6 @@ def _resolve(model_dir: str, params: TextGenerationParams, tokenizer: Any) -> _S
         prefix=prefix,
         context=effective_max_length(tokenizer, config, None),
     )
-
-
-def _load_tokenizer(model_dir: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -455,13 +449,8 @@ class _Runner:
 
         k = self.params.num_return_sequences
         rows = [f for f in batch for _ in range(k)]  # sequence r*k + j: row r, returned sequence j
-        n, longest = len(rows), max(len(f["input_ids"]) for f in rows)
-        ids = np.full((n, longest), self.settings.pad_id, dtype=np.int64)  # (N, T), left-padded
-        mask = np.zeros((n, longest), dtype=np.int64)
-        for r, f in enumerate(rows):
-            t = len(f["input_ids"])
-            ids[r, longest - t :] = f["input_ids"]
-            mask[r, longest - t :] = 1
+        padded = pad_tokens(rows, pad_id=self.settings.pad_id, side="left")  # (N, T)
+        longest = padded["input_ids"].shape[1]
         budgets_np = np.array([int(f["max_new_tokens"][0]) for f in rows], dtype=np.int64)
         max_new = int(budgets_np.max())
         budgets = torch.from_numpy(budgets_np).to(self.device)
@@ -478,8 +467,7 @@ class _Runner:
         stops = _row_stops(longest, budgets, self.eos, self.stop_strings)
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=torch.from_numpy(ids).to(self.device, non_blocking=True),
-                attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True),
+                **{k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in padded.items()},
                 max_new_tokens=max_new,
                 do_sample=False,
                 logits_processor=processors,
@@ -555,8 +543,6 @@ class TextGeneration:
     training_text_inputs = ("text",)
 
     def parse_params(self, params: Mapping[str, Any], *, key: str) -> TextGenerationParams:
-        from pipeline.errors import SpecError
-
         p = parse_params_dataclass(TextGenerationParams, params, key=key)
         checks = (
             ("max_new_tokens", p.max_new_tokens is None or p.max_new_tokens >= 1, "must be >= 1"),

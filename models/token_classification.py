@@ -25,6 +25,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -32,7 +33,8 @@ import pyarrow as pa
 
 from models.loading import load_pretrained
 from models.registry import RowError, parse_params_dataclass, register_task
-from models.text import clip_text
+from models.text import clip_text, load_tokenizer, model_max_length, pad_token_id, pad_tokens
+from pipeline.errors import SpecError
 
 __all__ = [
     "TokenClassification",
@@ -84,26 +86,7 @@ _PIPELINE_METHODS = (
 
 
 def _load_fast_tokenizer(model_dir: str) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if not tokenizer.is_fast:
-        from pipeline.errors import ModelError
-
-        raise ModelError(
-            f"the tokenizer in {model_dir!r} is a slow (Python) tokenizer; token-classification needs a fast "
-            "one for character offsets. Save the model with a tokenizer.json (e.g. AutoTokenizer.from_pretrained"
-            "(..., use_fast=True).save_pretrained(dir))"
-        )
-    return tokenizer
-
-
-def _max_length(model_dir: str, tokenizer: Any) -> int:
-    from transformers import AutoConfig
-
-    from models.text_classification import effective_max_length
-
-    return effective_max_length(tokenizer, AutoConfig.from_pretrained(model_dir), None)
+    return load_tokenizer(model_dir, fast_for="token-classification needs a fast one for character offsets")
 
 
 def _pad_windows(windows: list[list[Any]], pad: int, dtype: Any) -> np.ndarray:
@@ -122,19 +105,17 @@ class _Preprocessor:
 
     def __init__(self, model_dir: str, params: TokenClassificationParams) -> None:
         self.tokenizer = _load_fast_tokenizer(model_dir)
-        self.max_length = _max_length(model_dir, self.tokenizer)
+        self.max_length = model_max_length(model_dir, self.tokenizer)
         self.stride = params.stride
         if self.stride is not None:
             room = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=False)
             if self.stride >= room:
-                from pipeline.errors import SpecError
-
                 raise SpecError(
                     "params.stride",
                     f"must be less than {room} (the model's {self.max_length} tokens minus its special "
                     f"tokens), got {self.stride}; windows advance by that difference",
                 )
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(self.tokenizer)
 
     def __call__(self, columns: Mapping[str, list[Any]]) -> list[dict[str, Any] | RowError]:
         texts = columns["text"]
@@ -192,8 +173,7 @@ class _Runner:
         self.torch = torch
         self.device = torch.device(device)
         self.model = load_pretrained(AutoModelForTokenClassification, model_dir, device=device, dtype=dtype)
-        tokenizer = _load_fast_tokenizer(model_dir)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(_load_fast_tokenizer(model_dir))
 
     def length(self, features: Mapping[str, Any]) -> int:
         return int(features["input_ids"].size)  # windows × tokens: the work and memory of this row
@@ -201,22 +181,8 @@ class _Runner:
     def forward(self, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         torch = self.torch
         counts = [f["input_ids"].shape[0] for f in batch]
-        n, longest = sum(counts), max(f["input_ids"].shape[1] for f in batch)
-        ids = np.full((n, longest), self.pad_id, dtype=np.int64)  # (sum W, T)
-        mask = np.zeros((n, longest), dtype=np.int64)
-        types = np.zeros((n, longest), dtype=np.int64) if "token_type_ids" in batch[0] else None
-        r = 0
-        for f in batch:
-            w, t = f["input_ids"].shape
-            ids[r : r + w, :t] = f["input_ids"]
-            mask[r : r + w, :t] = f["attention_mask"]
-            if types is not None:
-                types[r : r + w, :t] = f["token_type_ids"]
-            r += w
-        inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-        if types is not None:
-            inputs["token_type_ids"] = torch.from_numpy(types)
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        padded = pad_tokens(batch, pad_id=self.pad_id, token_types="token_type_ids" in batch[0])  # (sum W, T)
+        inputs = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in padded.items()}
         with torch.inference_mode():
             logits = self.model(**inputs).logits.float().cpu().numpy()  # (sum W, T, num_labels)
         out, r = [], 0
@@ -228,8 +194,6 @@ class _Runner:
 
 class _Postprocessor:
     def __init__(self, model_dir: str, params: TokenClassificationParams) -> None:
-        from types import SimpleNamespace
-
         from transformers import AutoConfig
         from transformers.pipelines.token_classification import (
             AggregationStrategy,
@@ -302,8 +266,6 @@ class TokenClassification:
     training_text_inputs: tuple[str, ...] = ()
 
     def parse_params(self, params: Mapping[str, Any], *, key: str) -> TokenClassificationParams:
-        from pipeline.errors import SpecError
-
         p = parse_params_dataclass(TokenClassificationParams, params, key=key)
         if p.stride is not None:
             if p.stride < 0:
