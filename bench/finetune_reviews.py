@@ -120,33 +120,31 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     print(f"fine-tuning MiniLM on {n_train} reviews ({args.workers} workers, {args.epochs} epochs) → {work}")
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = run_finetune(spec, overwrite=True)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            outcome["error"] = e
-
-    started = time.time()
-    thread = threading.Thread(target=run)
-    thread.start()
+    # The fine-tune runs in the main thread (Ray's driver, its signal handlers and its shutdown belong
+    # there); a watcher thread waits for the first registered checkpoint and kills one Train worker.
     killed: dict[str, Any] = {}
-    if not args.no_kill:
-        while thread.is_alive() and _registered(ckpt) < 1:
+    done = threading.Event()
+
+    def kill_one() -> None:
+        while not done.is_set() and _registered(ckpt) < 1:
             time.sleep(0.5)
-        workers = _train_workers()
-        if thread.is_alive() and workers:
+        workers = [] if done.is_set() else _train_workers()
+        if workers:
             victim = workers[-1]
             os.kill(victim, signal.SIGKILL)
-            killed = {"pid": victim, "at_s": round(time.time() - started, 1), "workers": len(workers)}
+            killed.update(pid=victim, at_s=round(time.time() - started, 1), workers=len(workers))
             print(
                 f"SIGKILLed Train worker {victim} at {killed['at_s']} s (after the first registered checkpoint)"
             )
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    ft = outcome["result"]
+
+    started = time.time()
+    watcher = threading.Thread(target=kill_one, daemon=True)
+    if not args.no_kill:
+        watcher.start()
+    try:
+        ft = run_finetune(spec, overwrite=True)
+    finally:
+        done.set()
 
     inf_spec = parse_spec(
         {
