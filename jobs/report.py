@@ -558,9 +558,12 @@ def _runtime_section(out: OutputDir, *, finetune: bool) -> str:
     if events is None or events.num_rows == 0:
         parts.append("<p>This run recorded no events.</p>")
         return "\n".join(parts)
-    t0 = float(_min(events.column("t_start")))
+    # x axes count from the run's start (as "first shard committed after s" does), Ray's start-up included
+    run_info = api.read_run(out, run_id) or {}
+    t0 = float(run_info.get("started_at") or _min(events.column("t_start")))
+    bin_s = _bin_seconds(events)
     plots = [
-        _throughput_plot(api.rates(events, bin_s=_bin_seconds(events)), t0),
+        _throughput_plot(api.rates(events, bin_s=bin_s), t0, bin_s),
         _latency_plot(events),
         _busy_plot(stages),
         _padding_plot(stages),
@@ -586,16 +589,26 @@ def _bin_seconds(events: pa.Table) -> float:
     return max(1.0, round(span / 40.0, 1))
 
 
-def _throughput_plot(rates: pa.Table, t0: float) -> str:
-    series: dict[str, tuple[list[float], list[float]]] = {}
+def _throughput_plot(rates: pa.Table, t0: float, bin_s: float) -> str:
+    """Rows/s per bin of each stage's forward and of commits; a bin with no rows is drawn as 0 (commits come
+    a shard at a time: without the zeros, a line through the busy bins alone would look steady)."""
+    per: dict[str, dict[float, float]] = {}
     for r in rates.to_pylist():
         if r["step"] == "forward" or r["step"] == "commit":
             name = f"{r['stage']} (forward)" if r["step"] == "forward" else "committed"
-            xs, ys = series.setdefault(name, ([], []))
-            xs.append(float(r["t"]) - t0)
-            ys.append(float(r["rows_per_s"]))
-    if not series:
+            per.setdefault(name, {})[float(r["t"])] = float(r["rows_per_s"])
+    if not per:
         return ""
+    first = min(min(v) for v in per.values())
+    last = max(max(v) for v in per.values())
+    grid = [first + i * bin_s for i in range(int(round((last - first) / bin_s)) + 1)]
+    series: dict[str, tuple[list[float], list[float]]] = {
+        name: (
+            [t - t0 for t in grid],
+            [next((v for k, v in values.items() if abs(k - t) < bin_s / 2), 0.0) for t in grid],
+        )
+        for name, values in per.items()
+    }
     return line_plot("throughput over time", series, xlabel="seconds since the run started", ylabel="rows/s")
 
 
