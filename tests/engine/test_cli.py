@@ -136,8 +136,11 @@ def test_status_watch_follows_a_running_job_until_it_ends(ray_session, tiny_mode
     assert main(["status", str(tmp_path / "out"), "--watch", "--interval", "0.5"]) == 0
     job.join(timeout=120)
     printed = capsys.readouterr().out
-    frames = [line for line in printed.splitlines() if "rows/s" in line]
+    lines = printed.splitlines()
+    frames = [line for line in lines if "rows/s" in line and not line.lstrip().startswith("stage ")]
     assert len(frames) >= 2, printed
+    # each stage's live figures (from the run's metrics) under the job's line
+    assert any(line.lstrip().startswith("stage s:") and "busy" in line for line in lines), printed
     assert "/400 (" in frames[-1] and "ETA" in frames[-1]
     assert "test-job: succeeded" in printed.split(frames[-1])[-1]  # the final state, after the last frame
     assert done["result"].rows_ok == 400
