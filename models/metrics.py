@@ -676,6 +676,6 @@ def score(
         return fn(predictions, references, label_names=label_names)
     except ImportError as e:
         raise MetricsError(
-            f"the metrics of {task!r} need the package {e.name!r}, which is not installed; install the metrics "
-            "extra: pip install 'shardwise[metrics]'"
+            f"the metrics of {task!r} need the package {e.name!r}, which is not installed; it is a dependency "
+            f"of shardwise: reinstall it (pip install 'shardwise') or pip install {e.name}"
         ) from e
