@@ -218,9 +218,11 @@ def preprocess(table: pa.Table, job: BoundJob, stage: BoundStage) -> pa.Table:
             name: table.column(col).take(index).to_pylist() for name, col in stage.input_columns.items()
         }
         columns[ID] = table.column(ID).take(index).to_pylist()  # registry.ROW_ID: seeds per-row randomness
+        # Outside the try: a preprocessor that cannot load is not a row's error (the task fails with it).
+        preprocess_fn = _loaded("preprocess", stage)
         try:
-            results = _isolate(_loaded("preprocess", stage), columns, len(ok))
-        except Exception as e:  # noqa: BLE001 - a single row that raised
+            results = _isolate(preprocess_fn, columns, len(ok))
+        except Exception as e:  # noqa: BLE001 - _isolate re-raises only for a single row
             results = [RowError(type(e).__name__, str(e) or repr(e))]
         for i, res in zip(ok, results, strict=True):
             if isinstance(res, RowError):
