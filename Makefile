@@ -8,7 +8,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC := $(if $(HAS_GPU),torch>=2.5,torch==2.13.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all lint bench bench-generation bench-gpu assets clean
+.PHONY: venv chromium demo test test-all lint bench bench-generation bench-gpu assets clean
 
 venv: $(STAMP)
 
@@ -25,7 +25,11 @@ assets: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m jobs.demo
 
-test: $(STAMP)
+# The report/preview tests render pages in headless Chromium: Debian's package, installed when missing.
+chromium:
+	@test -x /usr/bin/chromium || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
