@@ -48,8 +48,9 @@ th { background: #f0f2f6; font-weight: 600; } table.kv td.num { text-align: left
 mark { border-radius: 3px; padding: 0 2px; } mark .tag { font-size: 10px; font-weight: 700; margin-left: 3px;
        color: #333; } mark.answer { background: #ffe58a; }
 .bar { display: flex; align-items: center; gap: 6px; margin: 2px 0; font-size: 13px; }
-.bar .lab { width: 140px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.bar .track { flex: 0 0 200px; height: 12px; background: #eef; border-radius: 2px; }
+.bar .lab { flex: 0 1 140px; min-width: 40px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.bar .track { flex: 1 1 200px; max-width: 200px; min-width: 40px; height: 12px; background: #eef; border-radius: 2px; }
+.bar > span:last-child { flex: none; white-space: nowrap; }
 .bar .fill { height: 12px; background: #4c78a8; border-radius: 2px; }
 img.pic, svg.pic { width: 100%; max-width: 360px; height: auto; border: 1px solid #ccd; display: block; }
 img.pic { image-rendering: pixelated; }
