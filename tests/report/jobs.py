@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ErrorRateExceeded
 from pipeline.execute import run_inference
+from pipeline.metrics import EVENT_SCHEMA
 from pipeline.spec import parse_spec
 from tests.helpers import make_text_classifier, make_texts, write_texts_parquet
 
@@ -188,24 +189,6 @@ def interrupt(output: Path) -> None:
 
 
 # --- runtime metrics in the documented format (/_metrics/runtime/<run_id>/, format v1) -----------------
-
-EVENT_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("stage", pa.string()),
-        ("step", pa.string()),
-        ("shard", pa.string()),
-        ("worker", pa.string()),
-        ("t_start", pa.float64()),
-        ("seconds", pa.float64()),
-        ("rows", pa.int64()),
-        ("rows_error", pa.int64()),
-        ("real_units", pa.int64()),
-        ("padded_units", pa.int64()),
-        ("unit", pa.string()),
-        ("error_types", pa.string()),
-    ]
-)
 
 
 def write_runtime_metrics(output: Path, stages: list[str], *, shards: int = 6, rows: int = 32) -> str:
