@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None)
     args = parser.parse_args(argv)
 
-    from infra.assets import _load_rt_reviews, fetch_minilm, fetch_rotten_tomatoes, write_rt_splits
+    from infra.assets import fetch_minilm, fetch_rotten_tomatoes, load_rt_reviews, write_rt_splits
     from jobs.finetune import run_finetune
     from models.metrics import classification_metrics
     from pipeline.commit import read_output
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.spec import parse_spec
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="shardwise-ft-reviews-"))
-    corpus = len(_load_rt_reviews(fetch_rotten_tomatoes()))
+    corpus = len(load_rt_reviews(fetch_rotten_tomatoes()))
     n_train = corpus - args.n_test
     train, test = write_rt_splits(work / "data", n_train=n_train, n_test=args.n_test)
     minilm = fetch_minilm()

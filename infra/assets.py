@@ -38,18 +38,21 @@ import zipfile
 from pathlib import Path
 
 __all__ = [
+    "FASHION_MNIST_LABELS",
+    "SAMPLE_PHOTOS",
     "asset_cache",
     "asset_paths",
-    "fetch_minilm",
-    "fetch_rotten_tomatoes",
     "fetch_efficientnet_lite0",
     "fetch_espeak",
-    "fetch_librivox",
     "fetch_fashion_mnist",
+    "fetch_librivox",
+    "fetch_minilm",
+    "fetch_rotten_tomatoes",
     "fetch_sample_photos",
     "fetch_smollm2",
-    "load_fashion_mnist",
     "fetch_spacy_ner",
+    "load_fashion_mnist",
+    "load_rt_reviews",
     "write_rt_splits",
 ]
 
@@ -268,7 +271,7 @@ def write_rt_splits(
     if train_path.is_file() and test_path.is_file() and _read_json(params_path) == params:
         return train_path, test_path
 
-    reviews = _load_rt_reviews(fetch_rotten_tomatoes())
+    reviews = load_rt_reviews(fetch_rotten_tomatoes())
     if n_train + n_test > len(reviews):
         raise ValueError(
             f"n_train + n_test = {n_train + n_test} but the cleaned corpus has only {len(reviews)} reviews; "
@@ -472,7 +475,7 @@ def _take_balanced(pools: dict[str, list[int]], n: int) -> list[int]:
     return ids
 
 
-def _load_rt_reviews(path: Path):  # -> pandas.DataFrame; pandas is imported lazily
+def load_rt_reviews(path: Path):  # -> pandas.DataFrame; pandas is imported lazily
     """The corpus's reviews as a DataFrame with `id`, `text`, `label` ("neg"/"pos"), cleaned."""
     import pandas as pd
 

@@ -165,11 +165,11 @@ def _validate(args: argparse.Namespace) -> int:
             f"{len(prep.fragments)} file(s), {len(prep.shards)} shards → {spec.output.uri})"
         )
         return 0
-    from jobs.finetune import _check_locations
-    from pipeline.execute import _check_model
+    from jobs.finetune import check_locations
+    from pipeline.execute import check_model
 
-    _check_locations(spec)
-    _check_model(spec.stage.model, revision=spec.stage.revision, key="stages[0].model")
+    check_locations(spec)
+    check_model(spec.stage.model, revision=spec.stage.revision, key="stages[0].model")
     print(f"{args.spec}: ok (finetune, task {spec.stage.task} → {spec.output.uri})")
     return 0
 

@@ -20,7 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DemoResult", "main", "run_demo"]
+__all__ = [
+    "DemoResult",
+    "demo_paths",
+    "main",
+    "run_demo",
+]
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 

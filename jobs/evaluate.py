@@ -20,14 +20,20 @@ import pyarrow as pa
 from models.metrics import METRICS, MetricsError, score
 from pipeline.errors import OutputError, ShardwiseError, SpecError
 
-__all__ = ["EVAL_FILE", "eval_file", "evaluate", "format_table"]
+__all__ = [
+    "EVAL_FILE",
+    "eval_file",
+    "evaluate",
+    "format_table",
+    "input_spec",
+]
 
 EVAL_FILE = "_metrics/eval.json"
 # Per-class rows the printed table shows (all of them are in the JSON).
 _TABLE_CLASSES = 25
 
 
-def _input_spec(data: dict[str, Any], *, uri: str | None) -> Any:
+def input_spec(data: dict[str, Any], *, uri: str | None) -> Any:
     """The job's InputSpec as the manifest recorded it (storage options are redacted there: none are
     used), or `uri` read with the job's id column and a format from the URI."""
     from pipeline.spec import InputSpec
@@ -109,7 +115,7 @@ def evaluate(
             f"task {task!r} has no metrics; tasks with metrics: {', '.join(sorted(METRICS))} (--task names "
             "another task whose metrics fit the output's fields)"
         )
-    job_input = _input_spec(spec.get("input") or {}, uri=None)
+    job_input = input_spec(spec.get("input") or {}, uri=None)
     kept = job_input.kept_as()  # input column → output name
     id_out = kept.get(job_input.id_column, job_input.id_column) if job_input.id_column else "id"
 
@@ -145,7 +151,7 @@ def evaluate(
     keep_rows = list(range(predictions.num_rows))
     missing_cols = {c: need for c, need in wanted.items() if c not in from_output}
     if missing_cols:
-        spec_in = job_input if input_uri is None else _input_spec(spec.get("input") or {}, uri=input_uri)
+        spec_in = job_input if input_uri is None else input_spec(spec.get("input") or {}, uri=input_uri)
         try:
             by_id, source = _read_input_columns(spec_in, missing_cols)
         except ShardwiseError:

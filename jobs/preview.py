@@ -179,9 +179,9 @@ def _stages(spec: dict[str, Any]) -> list[_Stage]:
 
 
 def _job_input(spec: dict[str, Any], storage_options: dict[str, Any] | None) -> Any:
-    from jobs.evaluate import _input_spec
+    from jobs.evaluate import input_spec
 
-    base = _input_spec(spec.get("input") or {"uri": ""}, uri=None)
+    base = input_spec(spec.get("input") or {"uri": ""}, uri=None)
     return dataclasses.replace(base, storage_options=dict(storage_options or {}))
 
 

@@ -383,9 +383,9 @@ def _stage_columns(
 
 def _kept_names(manifest: dict[str, Any]) -> set[str]:
     """Output columns that hold input values, not predictions: the id and kept columns."""
-    from jobs.evaluate import _input_spec
+    from jobs.evaluate import input_spec
 
-    spec = _input_spec((manifest.get("spec") or {}).get("input") or {"uri": ""}, uri=None)
+    spec = input_spec((manifest.get("spec") or {}).get("input") or {"uri": ""}, uri=None)
     kept = set(spec.kept_as().values())
     return kept | {spec.kept_as().get(spec.id_column, spec.id_column) if spec.id_column else "id"}
 

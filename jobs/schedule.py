@@ -36,7 +36,16 @@ from typing import Any
 
 from pipeline.errors import ShardwiseError, SpecError
 
-__all__ = ["RunSummary", "Scheduler", "SubmitRun", "SubprocessRun", "check_cron"]
+__all__ = [
+    "RunSummary",
+    "Scheduler",
+    "SubmitRun",
+    "SubprocessRun",
+    "check_cron",
+    "default_log_file",
+    "install_signal_handlers",
+    "log_to",
+]
 
 # A local run that ignores SIGINT this long is killed (its committed shards survive either way).
 INTERRUPT_GRACE_S = 30.0

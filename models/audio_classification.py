@@ -146,7 +146,7 @@ class AudioClassification:
     description = "Audio/speech classification (keywords, speakers, emotion, sounds): label + score per clip."
     postprocess_inputs = ()
     postprocess_features = ()
-    # jobs.finetune: one class per row, read from train.label_column; `audio` is not text.
+    # Fine-tuning (pipeline.train): one class per row, read from train.label_column; `audio` is not text.
     training_labels = "class"
     training_text_inputs: tuple[str, ...] = ()
 
@@ -199,7 +199,7 @@ class AudioClassification:
         max_length: int,
         options: Mapping[str, Any],
     ) -> AudioClassificationTrainable:
-        """`jobs.finetune.FineTunable`. `max_length` (tokens) does not apply to audio: clips are whole,
+        """`models.registry.FineTunable`. `max_length` (tokens) does not apply to audio: clips are whole,
         up to `train.options.max_duration_s`."""
         return AudioClassificationTrainable(
             base_dir,
@@ -209,7 +209,7 @@ class AudioClassification:
 
 
 # --- fine-tuning ------------------------------------------------------------------------------------------
-# jobs.finetune's `Trainable`: a head sized to the job's labels, clips decoded and featurised like inference
+# `models.registry.Trainable`: a head sized to the job's labels, clips decoded and featurised like inference
 # (same loader, the extractor pads the batch), a standard HF folder with the feature extractor.
 
 
@@ -258,7 +258,7 @@ class AudioClassificationTrainable:
         batch["labels"] = torch.as_tensor(labels, dtype=torch.long)  # (B,)
         return batch
 
-    # Task metrics per epoch (jobs.finetune): macro-F1 over the eval rows picks the best epoch.
+    # Task metrics per epoch (pipeline.train.loop): macro-F1 over the eval rows picks the best epoch.
     eval_score = ("eval_macro_f1", "max")
 
     def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:

@@ -323,7 +323,7 @@ class AutomaticSpeechRecognition:
     description = "Speech to text (Wav2Vec2 CTC, Whisper): text (+ timestamped chunks) per clip."
     postprocess_inputs = ()
     postprocess_features = ("stride",)
-    # jobs.finetune: the label column holds each clip's transcript as read; `audio` is not text.
+    # Fine-tuning (pipeline.train): the label column holds each clip's transcript as read; `audio` is not text.
     training_labels = "raw"
     training_text_inputs: tuple[str, ...] = ()
 
@@ -377,7 +377,7 @@ class AutomaticSpeechRecognition:
     def training_label_names(
         self, values: list[Any], *, options: Mapping[str, Any], key: str
     ) -> tuple[str, ...]:
-        """`jobs.finetune` hook (driver side): the CTC vocabulary, the sorted characters of the transcripts
+        """`models.registry.FineTunable` hook (driver side, pipeline.train.labels): the CTC vocabulary, the sorted characters of the transcripts
         (after normalisation; the space becomes the word delimiter "|"). Non-string transcripts fail here,
         before Ray starts."""
         opts = self.parse_training_options(options, key="train.options")
@@ -402,7 +402,7 @@ class AutomaticSpeechRecognition:
         max_length: int,
         options: Mapping[str, Any],
     ) -> CTCTrainable:
-        """`jobs.finetune.FineTunable`: CTC fine-tuning (Wav2Vec2 and other `AutoModelForCTC` bases).
+        """`models.registry.FineTunable`: CTC fine-tuning (Wav2Vec2 and other `AutoModelForCTC` bases).
         `label_names` is the character vocabulary (`training_label_names`, or `train.label_names`);
         `max_length` (tokens) does not apply: clips are whole, up to `train.options.max_duration_s`."""
         return CTCTrainable(
@@ -527,7 +527,7 @@ class CTCTrainable:
         batch["_transcripts"] = texts  # not a model input: the references of eval_predictions
         return batch
 
-    # Task metrics per epoch (jobs.finetune): word error rate, lower is better, picks the best epoch.
+    # Task metrics per epoch (pipeline.train.loop): word error rate, lower is better, picks the best epoch.
     eval_score = ("eval_wer", "min")
 
     def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:

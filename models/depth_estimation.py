@@ -229,7 +229,7 @@ class DepthEstimation:
         max_length: int,
         options: Mapping[str, Any] | None = None,
     ) -> DepthTrainable:
-        """`jobs.finetune.FineTunable` (label names play no part in depth)."""
+        """`models.registry.FineTunable` (label names play no part in depth)."""
         opts = self.parse_training_options(options or {}, key="train.options")
         return DepthTrainable(base_dir, options=opts)
 
@@ -351,7 +351,7 @@ class DepthTrainable:
         # `_depths` is not a model input: the depth maps at their images' size, for eval_predictions.
         return {"pixel_values": pixels, "labels": targets, "_depths": depths}
 
-    # Task metrics per epoch (jobs.finetune): δ1 (share of pixels within 1.25× of the truth) picks the best
+    # Task metrics per epoch (pipeline.train.loop): δ1 (share of pixels within 1.25× of the truth) picks the best
     # epoch; abs_rel and rmse are reported beside it.
     eval_score = ("eval_delta1", "max")
 

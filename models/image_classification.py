@@ -66,7 +66,7 @@ class ImageClassification:
     description = "Image classification (ViT, ConvNeXT, timm): label + score per image."
     postprocess_inputs = ()
     postprocess_features = ()
-    # jobs.finetune: one class per row; the image column is not text.
+    # Fine-tuning (pipeline.train): one class per row; the image column is not text.
     training_labels = "class"
     training_text_inputs: tuple[str, ...] = ()
 
@@ -124,7 +124,7 @@ class ImageClassification:
         max_length: int,
         options: Mapping[str, Any] | None = None,
     ) -> ImageClassificationTrainable:
-        """`jobs.finetune.FineTunable` (`max_length` is a text setting: images ignore it)."""
+        """`models.registry.FineTunable` (`max_length` is a text setting: images ignore it)."""
         opts = self.parse_training_options(options or {}, key="train.options")
         return ImageClassificationTrainable(base_dir, label_names=label_names, options=opts)
 
@@ -190,7 +190,7 @@ class ImageClassificationTrainable:
             "labels": torch.as_tensor([labels[i] for i in keep], dtype=torch.long),
         }
 
-    # Task metrics per epoch (jobs.finetune): macro-F1 over the eval rows picks the best epoch.
+    # Task metrics per epoch (pipeline.train.loop): macro-F1 over the eval rows picks the best epoch.
     eval_score = ("eval_macro_f1", "max")
 
     def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:

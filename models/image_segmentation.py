@@ -235,7 +235,7 @@ class ImageSegmentation:
         max_length: int,
         options: Mapping[str, Any] | None = None,
     ) -> SegmentationTrainable:
-        """`jobs.finetune.FineTunable`. `label_names` (train.label_names) name the class ids of the masks in
+        """`models.registry.FineTunable`. `label_names` (train.label_names) name the class ids of the masks in
         id order; empty: the base model's labels are kept."""
         opts = self.parse_training_options(options or {}, key="train.options")
         return SegmentationTrainable(base_dir, label_names=label_names, options=opts)
@@ -375,7 +375,7 @@ class SegmentationTrainable:
         enc = self.processor(images=kept, segmentation_maps=maps, return_tensors="pt")
         return {"pixel_values": enc["pixel_values"], "labels": enc["labels"].long(), **extras}
 
-    # Task metrics per epoch (jobs.finetune): mean IoU over the classes picks the best epoch.
+    # Task metrics per epoch (pipeline.train.loop): mean IoU over the classes picks the best epoch.
     eval_score = ("eval_mean_iou", "max")
 
     def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
@@ -407,7 +407,7 @@ class SegmentationTrainable:
     def eval_counts(self, output: Any, batch: Mapping[str, Any]) -> tuple[float, float]:
         """(correct pixels, labelled pixels) at the processed size: the predicted class map (argmax of the
         logits, or Mask2Former's class-weighted mask probabilities as its semantic postprocess builds them)
-        against the labels, ignore_index excluded. Reported by jobs.finetune as eval_accuracy."""
+        against the labels, ignore_index excluded. Reported by pipeline.train.loop as eval_accuracy."""
         import torch
         import torch.nn.functional as F
 

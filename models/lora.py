@@ -51,7 +51,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # peft's save_pretrained writes a model card; the output folder is shardwise's, and the card would only say
 # "more information needed".
 _PEFT_CARD = "README.md"
-# Names of the folders jobs.finetune._publish stages a model in (inside the output, or a local temp folder).
+# Names of the folders pipeline.train.publish stages a model in (inside the output, or a local temp folder).
 _STAGING_PREFIXES = (".staging-", "shardwise-model-")
 # peft's task types for the text tasks (its task-specific PeftModel classes); other tasks get the generic
 # PeftModel, which forwards every argument to the model unchanged.
@@ -216,7 +216,7 @@ def merge_lora(folder: str, *, trainable: Any, base_dir: str) -> None:
     """Turn an adapter folder written by `save_lora` into a full model folder, in place: the base built the
     way training built it, the adapter applied and merged (W + B·A·alpha/r; the trained head replaces the
     base's), saved by the trainable's own `save`. Runs on the driver at publish time, on the staging copy
-    of the checkpoint that `jobs.finetune._publish` made: any other folder is refused, since the adapter
+    of the checkpoint that `pipeline.train.publish` made: any other folder is refused, since the adapter
     files are deleted from it."""
     if not Path(folder).name.startswith(_STAGING_PREFIXES):
         raise ValueError(f"merge_lora rewrites a publish staging folder only; {folder!r} is not one")

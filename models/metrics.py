@@ -33,6 +33,7 @@ from typing import Any
 from pipeline.errors import ShardwiseError
 
 __all__ = [
+    "IGNORE_INDEX",
     "METRICS",
     "MetricsError",
     "asr_metrics",

@@ -103,7 +103,7 @@ class ObjectDetection:
     description = "Object detection (DETR family): objects with label, score and box per image."
     postprocess_inputs = ()
     postprocess_features = ("orig_size",)
-    # jobs.finetune: the label column holds COCO-style objects per image, read as Python values.
+    # Fine-tuning (pipeline.train): the label column holds COCO-style objects per image, read as Python values.
     training_labels = "raw"
     training_text_inputs: tuple[str, ...] = ()
 
@@ -148,7 +148,7 @@ class ObjectDetection:
         max_length: int,
         options: Mapping[str, Any] | None = None,
     ) -> ObjectDetectionTrainable:
-        """`jobs.finetune.FineTunable`. `label_names` (train.label_names) name the category ids in id order;
+        """`models.registry.FineTunable`. `label_names` (train.label_names) name the category ids in id order;
         empty: the base model's labels are kept."""
         opts = self.parse_training_options(options or {}, key="train.options")
         return ObjectDetectionTrainable(base_dir, label_names=label_names, options=opts)
@@ -242,7 +242,7 @@ class ObjectDetectionTrainable:
         batch["_objects"] = [a["annotations"] for a in annotations]
         return batch
 
-    # Task metrics per epoch (jobs.finetune): COCO mAP@[.5:.95] picks the best epoch.
+    # Task metrics per epoch (pipeline.train.loop): COCO mAP@[.5:.95] picks the best epoch.
     eval_score = ("eval_map", "max")
 
     def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
@@ -277,7 +277,7 @@ class ObjectDetectionTrainable:
 
     def eval_counts(self, output: Any, batch: Mapping[str, Any]) -> tuple[float, float]:
         """(ground-truth objects found, ground-truth objects): found = the query with the highest IoU with
-        the box predicts its class and that IoU >= eval_iou. Reported by jobs.finetune as eval_accuracy."""
+        the box predicts its class and that IoU >= eval_iou. Reported by pipeline.train.loop as eval_accuracy."""
         import torch
         from transformers.image_transforms import center_to_corners_format
 

@@ -349,7 +349,7 @@ class QuestionAnswering:
         max_length: int,
         options: Mapping[str, Any] | None = None,
     ) -> QuestionAnsweringTrainable:
-        """`jobs.finetune.FineTunable`: `train.max_length` is the window length (max_seq_len)."""
+        """`models.registry.FineTunable`: `train.max_length` is the window length (max_seq_len)."""
         opts = self.parse_training_options(options or {}, key="train.options")
         return QuestionAnsweringTrainable(base_dir, max_length=max_length, options=opts)
 
@@ -440,7 +440,7 @@ class QuestionAnsweringTrainable:
         )
         return batch
 
-    # Task metrics per epoch (jobs.finetune): SQuAD token F1 of the answer text picks the best epoch.
+    # Task metrics per epoch (pipeline.train.loop): SQuAD token F1 of the answer text picks the best epoch.
     eval_score = ("eval_f1", "max")
 
     def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:

@@ -18,27 +18,36 @@ import importlib
 import os
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from pipeline.block import ID
 from pipeline.errors import ShardwiseError, SpecError
 from pipeline.typed import build, type_name
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "ROW_ID",
     "TASK_MODULES_ENV",
+    "FineTunable",
+    "LabelMode",
     "Postprocessor",
     "Preprocessor",
     "RowError",
     "Runner",
     "Task",
+    "Trainable",
     "available_tasks",
     "check_inputs",
     "describe_params",
     "get_task",
     "input_kind",
+    "label_mode",
+    "model_inputs",
     "parse_params_dataclass",
     "register_task",
+    "text_inputs",
 ]
 
 # Modules imported on first lookup; each registers its task(s). Kept as strings so importing the registry
@@ -121,6 +130,83 @@ class Task(Protocol):
     def load_runner(self, model_dir: str, params: Any, *, device: str, dtype: str) -> Runner: ...
 
     def load_postprocessor(self, model_dir: str, params: Any) -> Postprocessor: ...
+
+
+# -------------------------------------------------------------------------------------------------------
+# Fine-tuning: what pipeline.train needs of a task that can be trained (`kind: finetune`).
+#
+# Task hooks. The loop is task-agnostic; what it needs from a task is reached through the task object:
+#
+#     class FineTunable(Protocol):           # the registered task, e.g. models.text_classification
+#         training_labels: str               # how train.label_column is read (absent: "class"):
+#                                            # pipeline.train.labels
+#         training_text_inputs: tuple[str, ...]  # inputs that must be non-null strings (absent: all)
+#         def training(self, base_dir, *, label_names, max_length, options) -> Trainable: ...
+#         # optional, on the driver before Ray starts (pipeline.spec calls it when validating):
+#         def parse_training_options(self, options, *, key) -> Any: ...
+#         # optional, "raw" labels without train.label_names: names derived from the targets (driver side)
+#         def training_label_names(self, values, *, options, key) -> tuple[str, ...]: ...
+#
+#     class Trainable(Protocol):             # built inside each worker
+#         def build_model(self, weights_dir) -> torch.nn.Module   # base or checkpoint, head sized to labels
+#         def encode(self, columns, labels) -> dict[str, Any]     # model(**batch) gives .loss
+#         def save(self, model, out_dir) -> None                  # standard HF folder
+#         # optional: (hits, total) for eval_accuracy (default: pipeline.train.loop)
+#         def eval_counts(self, output, batch) -> tuple[float, float]: ...
+#         # optional, the task metrics of every epoch (all three or none; pipeline.train.loop):
+#         eval_score: tuple[str, "max" | "min"]   # the record key that picks the best epoch, and its direction
+#         def eval_predictions(self, output, batch, *, model) -> list[tuple[Any, Any]]: ...  # each worker
+#         def eval_metrics(self, pairs) -> dict[str, float]: ...  # rank 0, every eval row's pairs
+#
+# `columns` maps task input names (`text`, `image`, ...) to lists of values as read; `labels` is one entry
+# per row (pipeline.train.labels) or None. `encode` returns tensors, or lists/dicts of tensors (DETR's per-image
+# targets), moved to the worker's device recursively; keys starting with `_` are not model inputs but extras
+# for `eval_predictions` (answer offsets, image sizes, target texts; they stay on the CPU). `options` is
+# `train.options`: task-specific settings such as `label_all_tokens` or `packing`. The reported
+# `eval_accuracy` is the task's `eval_counts` hits/total summed over the eval set; by default
+# `argmax(logits, -1) == labels` over the positions where labels != -100 (sequence, token and next-token
+# accuracy alike). A task without `training` is refused with a SpecError naming the tasks that have it.
+
+LabelMode = Literal["class", "class_sequence", "raw", "none"]
+_LABEL_MODES = ("class", "class_sequence", "raw", "none")
+
+
+class Trainable(Protocol):
+    """The task-specific pieces of fine-tuning, built inside each Ray Train worker (optional members: the
+    comment above, and "Task metrics" in pipeline.train.loop)."""
+
+    def build_model(self, weights_dir: str) -> torch.nn.Module: ...
+
+    def encode(self, columns: Mapping[str, list[Any]], labels: list[Any] | None) -> dict[str, Any]: ...
+
+    def save(self, model: torch.nn.Module, out_dir: str) -> None: ...
+
+
+class FineTunable(Protocol):
+    """A registered task that can be fine-tuned (`training_labels`, `training_text_inputs` optional)."""
+
+    def training(
+        self, base_dir: str, *, label_names: tuple[str, ...], max_length: int, options: Mapping[str, Any]
+    ) -> Trainable: ...
+
+
+def label_mode(task: Any) -> LabelMode:
+    mode = getattr(task, "training_labels", "class")
+    if mode not in _LABEL_MODES:
+        raise ValueError(f"task {task.name!r}: training_labels must be one of {_LABEL_MODES}, got {mode!r}")
+    return cast(LabelMode, mode)
+
+
+def text_inputs(task: Any, inputs: Mapping[str, str]) -> dict[str, str]:
+    """The stage's inputs that training needs as strings (all of them unless the task says otherwise)."""
+    names = getattr(task, "training_text_inputs", None)
+    return dict(inputs) if names is None else {k: v for k, v in inputs.items() if k in names}
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of `Trainable.encode`'s output that go to `model(**...)`: keys starting with "_" are
+    extras for `eval_predictions` (answer offsets, image sizes, target texts), not model inputs."""
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
 
 
 def register_task(name: str) -> Callable[[type], type]:

@@ -289,7 +289,7 @@ def parse_training_options(options: Mapping[str, Any], *, key: str) -> _TrainOpt
 
 
 class Seq2SeqTrainable:
-    """Training-side view of summarization/translation (`jobs.finetune.Trainable`): labels are target texts."""
+    """Training-side view of summarization/translation (`models.registry.Trainable`): labels are target texts."""
 
     def __init__(
         self, base_dir: str, task: str, params: Seq2SeqParams, *, max_length: int, options: Mapping[str, Any]
@@ -336,7 +336,7 @@ class Seq2SeqTrainable:
         enc.pop("token_type_ids", None)
         return {**enc, "_targets": list(labels)}  # `_targets`: not a model input, see eval_predictions
 
-    # Task metrics per epoch (jobs.finetune): the record key that picks the best epoch, per task.
+    # Task metrics per epoch (pipeline.train.loop): the record key that picks the best epoch, per task.
     _BEST = {"summarization": "eval_rougeL", "translation": "eval_bleu"}
 
     @property

@@ -25,7 +25,7 @@ class Summarization:
     description = "Abstractive summaries with a seq2seq model (BART, T5): summary_text per row."
     postprocess_inputs = ()
     postprocess_features = ()
-    # jobs.finetune: the label column is the target text.
+    # Fine-tuning (pipeline.train): the label column is the target text.
     training_labels = "raw"
     training_text_inputs = ("text",)
 
@@ -52,7 +52,7 @@ class Summarization:
     def training(
         self, base_dir: str, *, label_names: Any, max_length: int, options: Mapping[str, Any] | None = None
     ) -> seq2seq.Seq2SeqTrainable:
-        """`jobs.finetune.FineTunable`: label_names is unused (targets are free text)."""
+        """`models.registry.FineTunable`: label_names is unused (targets are free text)."""
         return seq2seq.Seq2SeqTrainable(
             base_dir, self.name, seq2seq.Seq2SeqParams(), max_length=max_length, options=options or {}
         )

@@ -162,14 +162,14 @@ class TextClassification:
     def training(
         self, base_dir: str, *, label_names: tuple[str, ...], max_length: int, options: Mapping[str, Any]
     ) -> TextClassificationTrainable:
-        """`jobs.finetune.FineTunable`: tasks without this method cannot be fine-tuned."""
+        """`models.registry.FineTunable`: tasks without this method cannot be fine-tuned."""
         return TextClassificationTrainable(base_dir, label_names=label_names, max_length=max_length)
 
 
 # --- fine-tuning ------------------------------------------------------------------------------------------
-# What `jobs.finetune` needs from this task (its `Trainable` protocol): build the model for training with a
+# What fine-tuning needs from this task (`models.registry.Trainable`): build the model for training with a
 # head sized to the job's labels, turn a batch of rows + label ids into model inputs, save a standard HF
-# folder. The generic Ray Train loop lives in jobs/finetune.py and knows nothing about sequence classifiers.
+# folder. The generic Ray Train loop lives in pipeline/train/loop.py and knows nothing about sequence classifiers.
 
 
 class TextClassificationTrainable:
@@ -217,7 +217,7 @@ class TextClassificationTrainable:
         batch["labels"] = torch.as_tensor(labels, dtype=torch.long)  # (B,)
         return batch
 
-    # Task metrics per epoch (jobs.finetune): macro-F1 over the eval rows picks the best epoch.
+    # Task metrics per epoch (pipeline.train.loop): macro-F1 over the eval rows picks the best epoch.
     eval_score = ("eval_macro_f1", "max")
 
     def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:

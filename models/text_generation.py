@@ -48,7 +48,7 @@ from models.text import clip_text, effective_max_length, pad_tokens
 from models.text import load_tokenizer as _load_tokenizer  # the name the training code uses
 from pipeline.errors import SpecError
 
-__all__ = ["CausalLMTrainable", "CausalLMTrainOptions", "TextGeneration", "TextGenerationParams", "row_seed"]
+__all__ = ["CausalLMTrainOptions", "CausalLMTrainable", "TextGeneration", "TextGenerationParams", "row_seed"]
 
 # finish_reason codes between the replica and postprocess.
 _FINISH = ("length", "eos", "stop")
@@ -538,7 +538,7 @@ class TextGeneration:
     )
     postprocess_inputs = ("text", "messages")
     postprocess_features = ()
-    # jobs.finetune: no label column (the text is its own target); `messages` is a list, not a string.
+    # Fine-tuning (pipeline.train): no label column (the text is its own target); `messages` is a list, not a string.
     training_labels = "none"
     training_text_inputs = ("text",)
 
@@ -605,12 +605,12 @@ class TextGeneration:
     def training(
         self, base_dir: str, *, label_names: Any, max_length: int, options: Mapping[str, Any] | None = None
     ) -> CausalLMTrainable:
-        """`jobs.finetune.FineTunable` (label_names is unused: no label column)."""
+        """`models.registry.FineTunable` (label_names is unused: no label column)."""
         return CausalLMTrainable(base_dir, max_length=max_length, options=options or {})
 
 
 # --- fine-tuning ------------------------------------------------------------------------------------------
-# Causal LM fine-tuning for `kind: finetune` (jobs.finetune's Trainable). No label column is read
+# Causal LM fine-tuning for `kind: finetune` (a `models.registry.Trainable`). No label column is read
 # (`training_labels = "none"`): the targets are the inputs themselves.
 #
 #   inputs: {text: col}       plain text; loss on every token. Each text gets the EOS token appended
@@ -731,7 +731,7 @@ class CausalLMTrainable:
         keep = target != -100
         return float(((predicted == target) & keep).sum().item()), float(keep.sum().item())
 
-    # Task metrics per epoch (jobs.finetune): token perplexity, lower is better, picks the best epoch.
+    # Task metrics per epoch (pipeline.train.loop): token perplexity, lower is better, picks the best epoch.
     eval_score = ("eval_perplexity", "min")
 
     def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:

@@ -307,7 +307,7 @@ class TokenClassification:
         max_length: int,
         options: Mapping[str, Any] | None = None,
     ) -> TokenClassificationTrainable:
-        """`jobs.finetune.FineTunable`."""
+        """`models.registry.FineTunable`."""
         opts = self.parse_training_options(options or {}, key="train.options")
         return TokenClassificationTrainable(
             base_dir, label_names=label_names, max_length=max_length, options=opts
@@ -330,7 +330,7 @@ class TokenClassificationTrainable:
 
     Rows: `text` is either a list of words (a pre-split column such as CoNLL's `tokens`) or a string, split
     on whitespace into words; the label column holds one tag per word (names, or ids into label_names —
-    `jobs.finetune` turns them into ids). Words are tokenized with `is_split_into_words=True`, so sub-tokens
+    `pipeline.train.labels` turns them into ids). Words are tokenized with `is_split_into_words=True`, so sub-tokens
     map back to their word; `[CLS]`, `[SEP]` and padding get -100. Rows longer than `max_length` tokens
     are truncated (the words past it are not trained on).
     """
@@ -410,7 +410,7 @@ class TokenClassificationTrainable:
         batch["_first"] = first  # not a model input: eval_predictions scores words, not sub-tokens
         return batch
 
-    # Task metrics per epoch (jobs.finetune): seqeval entity F1 over the words' tags picks the best epoch.
+    # Task metrics per epoch (pipeline.train.loop): seqeval entity F1 over the words' tags picks the best epoch.
     eval_score = ("eval_entity_f1", "max")
 
     def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 import threading
 
+__all__ = ["main"]
+
 # How often the tracked trees are re-read (workers and agents start after the raylet).
 _POLL_S = 1.0
 _GRACE_S = 2.0

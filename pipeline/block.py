@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 __all__ = [
-    "ERR_MSG",
     "ERROR_COLUMNS",
+    "ERR_MSG",
     "ERR_STAGE",
     "ERR_STEP",
     "ERR_TYPE",

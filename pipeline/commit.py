@@ -30,13 +30,17 @@ import fnmatch
 import hashlib
 import io
 import json
+import os
 import posixpath
+import shutil
+import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -45,13 +49,16 @@ import pyarrow.parquet as pq
 from pipeline.errors import CorruptOutput, FingerprintMismatch, OutputError
 
 __all__ = [
+    "ERRORS",
     "ERROR_SCHEMA",
     "OUTPUT_FORMAT",
     "READ_STAGE",
+    "SUCCESS",
     "Ledger",
     "OutputDir",
     "ShardRecord",
     "error_schema",
+    "parquet_bytes",
     "read_errors",
     "read_output",
 ]
@@ -205,8 +212,6 @@ class OutputDir:
 
     def _local_tmp(self, path: str, data: bytes) -> str:
         """`data` written and synced to a hidden temp file beside `path` (then renamed or linked into place)."""
-        import os
-
         os.makedirs(posixpath.dirname(path), exist_ok=True)
         # A leading "." hides a temp file that a killed task leaves behind from Parquet readers of the output.
         tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
@@ -220,8 +225,6 @@ class OutputDir:
         """Atomic write: readers see the old file or the whole new one, never a partial file."""
         path = self.path(rel)
         if self._is_local():
-            import os
-
             os.replace(self._local_tmp(path, data), path)
         else:
             self.fs.pipe_file(path, data)  # one PUT: object stores make it visible whole or not at all
@@ -230,8 +233,6 @@ class OutputDir:
         """Write `rel` only if it does not exist, atomically where the filesystem allows; False if it exists."""
         path = self.path(rel)
         if self._is_local():
-            import os
-
             tmp = self._local_tmp(path, data)
             try:
                 os.link(tmp, path)  # fails if the name exists; the content is complete when it appears
@@ -521,12 +522,10 @@ class OutputDir:
         if not records:
             return
         table = pa.table({f.name: [getattr(r, f.name) for r in records] for f in fields(ShardRecord)})
-        self.write_bytes(posixpath.join(SHARDS, f"seg-{tag}.parquet"), _parquet_bytes(table, "zstd"))
+        self.write_bytes(posixpath.join(SHARDS, f"seg-{tag}.parquet"), parquet_bytes(table, "zstd"))
         prefix = self.path(SHARDS) + "/"
         paths = [f"{prefix}{r.shard_id}.json" for r in records]
         if self._is_local():
-            import os
-
             for path in paths:
                 try:
                     os.remove(path)
@@ -547,6 +546,39 @@ class OutputDir:
     def clear_success(self) -> None:
         self.remove(SUCCESS)
 
+    def publish_folder(
+        self, fill: Callable[[str], None], *, listed: Callable[[list[str]], None]
+    ) -> list[str]:
+        """Put a folder of files (a model) into the output so that readers never see a partial file; returns
+        the files' names relative to the output. Clears `_SUCCESS` first: the caller writes it last.
+
+        `fill(stage)` writes the files into a staging folder: a hidden one inside the output on a local disk
+        (each file is then one rename), a local temp folder for object stores (then one PUT per file).
+        `listed(files)` is called with their names before the first one appears (the caller's manifest lists
+        them, so a crash mid-publish leaves only files that an overwrite knows it may delete)."""
+        self.clear_success()
+        local = self._is_local()
+        if local:
+            self.fs.makedirs(self.root, exist_ok=True)
+        stage = (
+            self.path(f".staging-{uuid.uuid4().hex[:8]}") if local else tempfile.mkdtemp(prefix="shardwise-")
+        )
+        try:
+            if local:
+                os.makedirs(stage)
+            fill(stage)
+            files = sorted(p.relative_to(stage).as_posix() for p in Path(stage).rglob("*") if p.is_file())
+            listed(files)
+            for rel in files:
+                if local:
+                    os.makedirs(posixpath.dirname(self.path(rel)), exist_ok=True)
+                    os.replace(posixpath.join(stage, rel), self.path(rel))
+                else:
+                    self.fs.put_file(posixpath.join(stage, rel), self.path(rel))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return files
+
     # -- worker side -----------------------------------------------------------------------------------
     def commit_shard(
         self,
@@ -559,11 +591,11 @@ class OutputDir:
         errors_by_stage: dict[str, int] | None = None,
     ) -> ShardRecord:
         """Write one shard's files, then its commit record. Safe to repeat (same names, same content)."""
-        data = _parquet_bytes(predictions, self.compression)
+        data = parquet_bytes(predictions, self.compression)
         self.write_bytes(f"part-{shard_id}.parquet", data)
         err_data = b""
         if errors.num_rows:
-            err_data = _parquet_bytes(errors, self.compression)
+            err_data = parquet_bytes(errors, self.compression)
             self.write_bytes(posixpath.join(ERRORS, f"part-{shard_id}.parquet"), err_data)
         record = ShardRecord(
             shard_id=shard_id,
@@ -634,7 +666,7 @@ class Ledger:
             self._pending = []
 
 
-def _parquet_bytes(table: pa.Table, compression: str) -> bytes:
+def parquet_bytes(table: pa.Table, compression: str) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression=None if compression == "none" else compression)
     return buf.getvalue()

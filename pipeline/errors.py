@@ -19,11 +19,11 @@ Row-level failures are not exceptions that escape: they become error records (se
 from __future__ import annotations
 
 __all__ = [
+    "CorruptOutput",
     "ErrorRateExceeded",
     "FingerprintMismatch",
     "JobFailed",
     "ModelError",
-    "CorruptOutput",
     "OutputError",
     "OutputLocked",
     "ShardwiseError",

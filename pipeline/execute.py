@@ -51,7 +51,16 @@ from pipeline.sources import (
 from pipeline.spec import JobSpec, spec_to_dict
 from pipeline.status import stage_counts
 
-__all__ = ["JobResult", "Prepared", "embedded_cpus", "init_ray", "preflight", "run_inference"]
+__all__ = [
+    "JobResult",
+    "Prepared",
+    "check_model",
+    "embedded_cpus",
+    "init_ray",
+    "new_run_id",
+    "preflight",
+    "run_inference",
+]
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +165,7 @@ class Prepared:
         return self.job.spec
 
 
-def _check_model(model: str, *, revision: str | None, key: str) -> None:
+def check_model(model: str, *, revision: str | None, key: str) -> None:
     from models import loading
 
     check = getattr(loading, "check_model", None)
@@ -187,7 +196,7 @@ def _check_job(spec: JobSpec) -> BoundJob:
     checked: set[tuple[str, str | None]] = set()
     for stage in job.stages:
         if (stage.model, stage.revision) not in checked:
-            _check_model(stage.model, revision=stage.revision, key=f"stages[{stage.index}].model")
+            check_model(stage.model, revision=stage.revision, key=f"stages[{stage.index}].model")
             checked.add((stage.model, stage.revision))
     check_output_location(
         spec.output.uri,

@@ -67,13 +67,16 @@ from pipeline.commit import OutputDir
 __all__ = [
     "ENV",
     "EVENT_SCHEMA",
+    "FLUSH_ENV",
     "PROGRESS_SCHEMA",
     "RUNTIME",
     "UNITS",
     "MetricsContext",
     "Recorder",
     "RunMetrics",
+    "Sink",
     "enabled",
+    "events_table",
     "list_runs",
     "queue_depth",
     "rates",
@@ -83,6 +86,7 @@ __all__ = [
     "read_run",
     "read_summary",
     "summarise",
+    "unit_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -469,17 +473,17 @@ class RunMetrics:
                 log.warning("could not write job metrics: %s", e)
 
     def _flush(self) -> None:
-        from pipeline.commit import _parquet_bytes
+        from pipeline.commit import parquet_bytes
 
         self._last_flush = time.monotonic()
         if not self._pending and not self._samples:
             return
         name = f"{self._seq:06d}.parquet"
         self.out.write_bytes(
-            f"{self.folder}/events-{name}", _parquet_bytes(events_table(self._pending), "zstd")
+            f"{self.folder}/events-{name}", parquet_bytes(events_table(self._pending), "zstd")
         )
         progress = pa.Table.from_pylist(self._samples, schema=PROGRESS_SCHEMA)
-        self.out.write_bytes(f"{self.folder}/progress-{name}", _parquet_bytes(progress, "zstd"))
+        self.out.write_bytes(f"{self.folder}/progress-{name}", parquet_bytes(progress, "zstd"))
         self._seq += 1
         self._pending, self._samples = [], []
 

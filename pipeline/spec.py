@@ -22,6 +22,9 @@ from pipeline.errors import SpecError
 from pipeline.typed import build, to_plain
 
 __all__ = [
+    "DEFAULT_MAX_ROW_BYTES",
+    "DEFAULT_SHARD_BYTES",
+    "DEFAULT_SHARD_ROWS",
     "FORMATS",
     "FinetuneSpec",
     "InputSpec",
@@ -30,6 +33,7 @@ __all__ = [
     "OutputSpec",
     "StageSpec",
     "apply_overrides",
+    "format_from_uri",
     "load_spec",
     "parse_spec",
     "spec_to_dict",

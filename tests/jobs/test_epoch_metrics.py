@@ -1,4 +1,4 @@
-"""Per-epoch task metrics of fine-tuning (jobs.finetune "Task metrics"): each task's `eval_predictions` on
+"""Per-epoch task metrics of fine-tuning (pipeline.train.loop "Task metrics"): each task's `eval_predictions` on
 hand-made model outputs whose metric is known, then its `eval_metrics` (no Ray; tiny models for the
 tokenizers and processors). The Ray runs of tests/jobs/test_finetune.py and tests/models/test_*.py check that
 the epoch records carry these keys."""
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.finetune import _gathered_metrics, _score, _shown_eval, _split_extras
 from models.registry import get_task
+from pipeline.train.loop import epoch_score, gathered_metrics, shown_eval, split_extras
 from tests.helpers import make_text_classifier
 from tests.models.audio_helpers import make_ctc_model
 from tests.models.gen_helpers import make_causal_lm, make_seq2seq
@@ -33,7 +33,7 @@ def _trainable(task: str, base: Path, *, label_names: tuple[str, ...] = (), max_
 def _metrics(trainable: Any, output: Any, batch: dict[str, Any], *, model: Any = None) -> dict[str, float]:
     """What one worker's epoch records: the pairs of this batch → the task metrics (world of one)."""
     pairs = trainable.eval_predictions(output, batch, model=model)
-    return _gathered_metrics(trainable, pairs, rank=0, world=1)
+    return gathered_metrics(trainable, pairs, rank=0, world=1)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_token_classification_scores_words_not_sub_tokens(models: dict[str, Path
     words = ["alice", "walked", "to", "the", "paris", "gate"]
     gold = ["B-PER", "O", "O", "O", "B-LOC", "I-LOC"]
     batch = trainable.encode({"text": [words]}, [[tag[t] for t in gold]])
-    inputs, extras = _split_extras(batch)
+    inputs, extras = split_extras(batch)
     assert set(extras) == {"_first"} and "_first" not in inputs  # extras never reach the model
     # Predicted: the person right, the location cut short (B-LOC O): 1 of 2 gold entities, 2 predicted.
     predicted = ["B-PER", "O", "O", "O", "B-LOC", "O"]
@@ -113,7 +113,7 @@ def test_question_answering_exact_match_and_f1(models: dict[str, Path]) -> None:
     output = SimpleNamespace(start_logits=start, end_logits=end)
     pairs = trainable.eval_predictions(output, batch, model=None)
     assert [p["answer"] for p, _ in pairs] == ["paris", "paris"]
-    got = _gathered_metrics(trainable, pairs, rank=0, world=1)
+    got = gathered_metrics(trainable, pairs, rank=0, world=1)
     assert got == {"eval_exact_match": pytest.approx(0.5), "eval_f1": pytest.approx((1 + 2 / 3) / 2)}
 
 
@@ -131,7 +131,7 @@ def test_speech_recognition_wer_and_cer_from_greedy_ctc(models: dict[str, Path])
     assert got == {"eval_wer": pytest.approx(0.5), "eval_cer": pytest.approx(1 / 11)}
     assert trainable.eval_score == ("eval_wer", "min")
     # lower is better: the best epoch is the one with the lowest WER
-    assert _score({"epoch": 1, "eval_wer": 0.2}, trainable.eval_score) > _score(
+    assert epoch_score({"epoch": 1, "eval_wer": 0.2}, trainable.eval_score) > epoch_score(
         {"epoch": 2, "eval_wer": 0.5}, trainable.eval_score
     )
 
@@ -160,7 +160,7 @@ def test_detection_map_from_the_processors_post_process(models: dict[str, Path])
     assert best["label"] == 1 and best["box"] == pytest.approx(
         {"xmin": 20.0, "ymin": 10.0, "xmax": 60.0, "ymax": 40.0}
     )
-    got = _gathered_metrics(trainable, pairs, rank=0, world=1)
+    got = gathered_metrics(trainable, pairs, rank=0, world=1)
     # Class 1: its one object found first → AP 1. Class 0: its object (image 1) is never found → AP 0.
     assert got == {"eval_map": pytest.approx(0.5), "eval_map_50": pytest.approx(0.5)}
 
@@ -226,7 +226,7 @@ def test_seq2seq_generates_greedily_within_max_target_length(
         pairs[0][0][f"{'summary' if task == 'summarization' else 'translation'}_text"].split()
         == generated.split()
     )
-    got = _gathered_metrics(trainable, pairs, rank=0, world=1)
+    got = gathered_metrics(trainable, pairs, rank=0, world=1)
     assert {k: got[k] for k in expected} == pytest.approx(expected)
     assert trainable.eval_score == ({"translation": "eval_bleu", "summarization": "eval_rougeL"}[task], "max")
 
@@ -245,14 +245,14 @@ def test_text_generation_perplexity(models: dict[str, Path]) -> None:
 
 def test_score_and_progress_line() -> None:
     record = {"epoch": 3, "eval_loss": 0.7, "eval_accuracy": 0.81, "eval_wer": 0.25}
-    assert _score(record, ("eval_wer", "min")) == -0.25
-    assert _score(record, ("eval_f1", "max")) == 0.81  # no such metric this epoch: the accuracy
-    assert _score({"epoch": 3, "eval_loss": 0.7, "eval_accuracy": None}, None) == -0.7
-    assert _score({"epoch": 3, "eval_loss": None}, None) == 3.0
-    assert _shown_eval(record, ("eval_wer", "min")) == {"acc": 0.81, "wer": 0.25}
+    assert epoch_score(record, ("eval_wer", "min")) == -0.25
+    assert epoch_score(record, ("eval_f1", "max")) == 0.81  # no such metric this epoch: the accuracy
+    assert epoch_score({"epoch": 3, "eval_loss": 0.7, "eval_accuracy": None}, None) == -0.7
+    assert epoch_score({"epoch": 3, "eval_loss": None}, None) == 3.0
+    assert shown_eval(record, ("eval_wer", "min")) == {"acc": 0.81, "wer": 0.25}
 
 
 def test_nothing_to_score_gives_no_task_metrics(models: dict[str, Path]) -> None:
     """Every reference transcript empty: the epoch has no WER (logged), the job goes on."""
     trainable = _trainable("automatic-speech-recognition", models["ctc"], label_names=("a",))
-    assert _gathered_metrics(trainable, [({"text": "a"}, "")], rank=0, world=1) == {}
+    assert gathered_metrics(trainable, [({"text": "a"}, "")], rank=0, world=1) == {}

@@ -13,9 +13,10 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from jobs.finetune import FinetuneResult, resolve_labels, run_finetune
+from jobs.finetune import FinetuneResult, run_finetune
 from pipeline.errors import ModelError, OutputError, SpecError
 from pipeline.spec import JobSpec, parse_spec
+from pipeline.train.labels import resolve_labels
 from tests.helpers import WORDS, job_dict, make_text_classifier, write_texts_parquet
 
 # The label is a function of the words: "pos" when a review has any of these, else "neg". With 2-6 words
@@ -339,14 +340,14 @@ def _prepare(tmp_path: Path, base: Path, monkeypatch, task: _FakeTask, columns: 
     import pyarrow.parquet as pq
     import ray
 
-    from jobs.finetune import _dataset, _prepare_data
+    from pipeline.train.data import dataset, prepare_data
 
     monkeypatch.undo()  # the spec is validated against the real registry
     pq.write_table(pa.table(columns), tmp_path / "train.parquet")
     spec = finetune_spec(tmp_path, base=base, train_uri=tmp_path / "train.parquet", eval_fraction=0.0)
-    monkeypatch.setattr("models.registry.get_task", lambda name: task)
-    data = _prepare_data(spec)
-    train = pa.concat_tables(ray.get(_dataset(ray, data, "train").to_arrow_refs()))
+    monkeypatch.setattr("pipeline.train.data.get_task", lambda name: task)
+    data = prepare_data(spec)
+    train = pa.concat_tables(ray.get(dataset(ray, data, "train").to_arrow_refs()))
     return _Prepared(data.label_names, train)
 
 

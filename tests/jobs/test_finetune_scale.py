@@ -21,8 +21,10 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from jobs.finetune import _class_weights, _Data, run_finetune
+from jobs.finetune import run_finetune
 from pipeline.spec import parse_spec
+from pipeline.train.data import TrainingData
+from pipeline.train.labels import class_weights
 from tests.engine.procs import cli, pids_matching, wait_for
 from tests.helpers import make_text_classifier, write_texts_parquet
 from tests.jobs.ray_nodes import start_cluster
@@ -86,11 +88,11 @@ def _sha(path: Path) -> str:
 def test_balanced_class_weights() -> None:
     """n_rows / (n_classes × rows of the class), as sklearn's "balanced"; token lists count every tag."""
     spec = parse_spec(_spec(Path("/t"), Path("/m"), Path("/d.parquet"), class_weights="balanced"))
-    # Per-class training rows come from the streaming pass (jobs.finetune._prepare_data), not from rows.
-    data = _Data(None, None, ("neg", "pos"), [], label_counts=(3, 1))
-    assert _class_weights(spec, data) == pytest.approx((4 / 6, 2.0))
-    three = _Data(None, None, ("a", "b", "c"), [], label_counts=(2, 2, 0))
-    assert _class_weights(spec, three) == pytest.approx((4 / 6, 4 / 6, 0.0))  # a class with no rows: 0
+    # Per-class training rows come from the streaming pass (pipeline.train.data.prepare_data), not from rows.
+    data = TrainingData(None, None, ("neg", "pos"), [], label_counts=(3, 1))
+    assert class_weights(spec, data) == pytest.approx((4 / 6, 2.0))
+    three = TrainingData(None, None, ("a", "b", "c"), [], label_counts=(2, 2, 0))
+    assert class_weights(spec, three) == pytest.approx((4 / 6, 4 / 6, 0.0))  # a class with no rows: 0
 
 
 @pytest.mark.slow

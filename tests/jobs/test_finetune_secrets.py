@@ -7,8 +7,9 @@ import json
 
 import pyarrow as pa
 
-from jobs.finetune import _Data, _fingerprint
+from jobs.finetune import _fingerprint
 from pipeline.spec import parse_spec
+from pipeline.train.data import TrainingData
 
 SECRET = "S3CR3T-finetune"
 
@@ -30,7 +31,9 @@ def _spec(*, secret: str, endpoint: str = "http://127.0.0.1:9000"):
 
 
 def test_run_fingerprint_ignores_credentials_but_not_the_endpoint(monkeypatch):
-    data = _Data(train=pa.table({"text": ["a"]}), eval=None, label_names=("neg", "pos"), listing=[["f", 1]])
+    data = TrainingData(
+        train=pa.table({"text": ["a"]}), eval=None, label_names=("neg", "pos"), listing=[["f", 1]]
+    )
     hashed: list[str] = []
     real_dumps = json.dumps
     monkeypatch.setattr(json, "dumps", lambda obj, **kw: hashed.append(real_dumps(obj, **kw)) or hashed[-1])

@@ -53,19 +53,19 @@ def _rows(n: int, *, start: int = 0) -> dict[str, list[Any]]:
 
 def _prepare(spec: JobSpec) -> Any:
     """The driver's part (plan + streaming pass), with the folder's format resolved as run_finetune does."""
-    from jobs.finetune import _prepare_data
     from pipeline.sources import resolve_format
+    from pipeline.train.data import prepare_data
 
-    return _prepare_data(dataclasses.replace(spec, input=resolve_format(spec.input)))
+    return prepare_data(dataclasses.replace(spec, input=resolve_format(spec.input)))
 
 
 def _read_back(data: Any, side: str) -> pa.Table:
     """What the workers would get: the lazy dataset of `side`, executed (rows come to the test, on purpose)."""
     import ray
 
-    from jobs.finetune import _dataset
+    from pipeline.train.data import dataset
 
-    return pa.concat_tables(ray.get(_dataset(ray, data, side).to_arrow_refs()))
+    return pa.concat_tables(ray.get(dataset(ray, data, side).to_arrow_refs()))
 
 
 def _folder(tmp: Path, parts: list[dict[str, list[Any]]]) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jobs.finetune import model_inputs
+from models.registry import model_inputs
 from pipeline.errors import ModelError, SpecError
 from tests.models.audio_helpers import (
     RATE,

@@ -13,9 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.finetune import model_inputs
 from models.depth_estimation import DEPTH_TYPE, decode_depth, depth_map, encode_depth
-from models.registry import get_task
+from models.registry import get_task, model_inputs
 from pipeline.errors import ModelError, SpecError
 from tests.models.seg_depth_helpers import (
     SIZES,

@@ -13,10 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.finetune import model_inputs
 from models.image_segmentation import class_map
 from models.masks import decode_mask, encode_mask
-from models.registry import RowError, get_task
+from models.registry import RowError, get_task, model_inputs
 from pipeline.errors import ModelError, SpecError
 from tests.models.seg_depth_helpers import (
     SEG_LABELS,

@@ -12,9 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.finetune import model_inputs
 from models.object_detection import coco_annotations
-from models.registry import get_task
+from models.registry import get_task, model_inputs
 from pipeline.errors import SpecError
 from tests.models.vision_helpers import SHAPE_NAMES, encode, make_detr, shapes_image
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from jobs.finetune import model_inputs
-from models.registry import get_task
+from models.registry import get_task, model_inputs
 from pipeline.errors import SpecError
 from tests.helpers import WORDS, make_texts
 from tests.models.nlp_helpers import make_qa_model, make_span_qa_model, run_task_in_process

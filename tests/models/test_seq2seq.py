@@ -13,8 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.finetune import model_inputs
-from models.registry import ROW_ID, RowError, get_task
+from models.registry import ROW_ID, RowError, get_task, model_inputs
 from pipeline.batching import run_micro_batches
 from pipeline.errors import SpecError
 from tests.helpers import make_texts

@@ -14,8 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.finetune import model_inputs
-from models.registry import get_task
+from models.registry import get_task, model_inputs
 from pipeline.errors import SpecError
 from tests.helpers import WORDS, make_texts
 from tests.models.nlp_helpers import NER_LABELS, make_token_classifier, run_task_in_process
