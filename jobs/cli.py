@@ -11,12 +11,14 @@ SHARDWISE_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -320,8 +322,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from models.registry import available_tasks, describe_params
 
     listing = {}
@@ -435,14 +435,10 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _when(t: float | None) -> str:
-    import time
-
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from jobs.submit import connect, job_info, job_logs, list_jobs, stop_job
 
     client = connect(args.address, token_file=args.auth_token_file)
@@ -478,8 +474,6 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from jobs.schedule import (
         Scheduler,
         SubmitRun,

@@ -20,6 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.assets import fetch_minilm, write_rt_splits
+from jobs.finetune import run_finetune
+from jobs.inference import run
+from pipeline.commit import read_output
+from pipeline.spec import load_spec
+
 __all__ = [
     "DemoResult",
     "demo_paths",
@@ -60,12 +66,6 @@ def run_demo(
     workdir: Path, *, n_train: int = 4000, n_test: int = 1000, epochs: int = 1, log=print
 ) -> DemoResult:  # noqa: ANN001
     """Fetch → fine-tune → annotate → score; what `make demo` runs (and the real-asset test checks)."""
-    from infra.assets import fetch_minilm, write_rt_splits
-    from jobs.finetune import run_finetune
-    from jobs.inference import run
-    from pipeline.commit import read_output
-    from pipeline.spec import load_spec
-
     paths = demo_paths(workdir)
     started = time.time()
     log("[1/3] fetching MiniLM and the Rotten Tomatoes reviews (cached after the first run)")

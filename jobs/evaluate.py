@@ -18,7 +18,11 @@ from typing import Any
 import pyarrow as pa
 
 from models.metrics import METRICS, MetricsError, score
+from pipeline.block import ID
+from pipeline.commit import OutputDir, read_errors, read_output
 from pipeline.errors import OutputError, ShardwiseError, SpecError
+from pipeline.sources import input_schema, list_fragments, read_range, resolve_format
+from pipeline.spec import InputSpec
 
 __all__ = [
     "EVAL_FILE",
@@ -36,8 +40,6 @@ _TABLE_CLASSES = 25
 def input_spec(data: dict[str, Any], *, uri: str | None) -> Any:
     """The job's InputSpec as the manifest recorded it (storage options are redacted there: none are
     used), or `uri` read with the job's id column and a format from the URI."""
-    from pipeline.spec import InputSpec
-
     keep = data.get("keep_columns")
     return InputSpec(
         uri=uri if uri is not None else str(data["uri"]),
@@ -50,9 +52,6 @@ def input_spec(data: dict[str, Any], *, uri: str | None) -> Any:
 def _read_input_columns(spec: Any, columns: dict[str, str | None]) -> tuple[dict[str, tuple[Any, ...]], str]:
     """{row id: values of `columns` (None for a column the input lacks)} for every input row. A wanted column
     marked required (value "required") must exist."""
-    from pipeline.block import ID
-    from pipeline.sources import input_schema, list_fragments, read_range, resolve_format
-
     spec = resolve_format(spec)
     fragments = list_fragments(spec)
     if not fragments:
@@ -91,8 +90,6 @@ def evaluate(
     `<output>/_metrics/eval.json`, or `eval-<stage>.json` for a stage of a multi-stage job) the report: task,
     where the labels came from, row counts, metrics and per-class metrics. A multi-stage output is scored
     one stage at a time: `stage` names it (it may be left out when only one stage is written)."""
-    from pipeline.commit import OutputDir, read_errors, read_output
-
     out = OutputDir(output)
     if not out.exists():
         raise OutputError(f"{output!r} does not exist; pass the output.uri of an inference job")

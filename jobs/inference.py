@@ -7,6 +7,7 @@ result = run(load_spec("jobs/examples/rt-sentiment.yaml"))
 
 from __future__ import annotations
 
+from pipeline.errors import SpecError
 from pipeline.execute import JobResult, run_inference
 from pipeline.spec import JobSpec
 
@@ -25,8 +26,6 @@ def run(
 ) -> JobResult:
     """Run or resume `spec` to completion; raises a ShardwiseError subclass with the reason otherwise."""
     if spec.kind != "inference":
-        from pipeline.errors import SpecError
-
         raise SpecError(
             "kind", f"jobs.inference.run takes kind: inference, got {spec.kind!r}; use jobs.finetune"
         )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,9 +32,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.evaluate import input_spec
 from jobs.html import esc, page, png_uri, wav_uri
+from models.audio import load_audio
+from models.depth_estimation import decode_depth
+from models.images import load_image
+from models.masks import decode_mask
+from models.registry import RowError
+from pipeline.block import ID, ROW
 from pipeline.commit import OutputDir, read_errors
 from pipeline.errors import OutputError, SpecError
+from pipeline.sources import list_fragments, read_range, resolve_format
 from pipeline.spec import stage_reference
 
 __all__ = ["build_preview", "write_preview"]
@@ -179,8 +188,6 @@ def _stages(spec: dict[str, Any]) -> list[_Stage]:
 
 
 def _job_input(spec: dict[str, Any], storage_options: dict[str, Any] | None) -> Any:
-    from jobs.evaluate import input_spec
-
     base = input_spec(spec.get("input") or {"uri": ""}, uri=None)
     return dataclasses.replace(base, storage_options=dict(storage_options or {}))
 
@@ -268,9 +275,6 @@ def _read_inputs(
 def _rows_by_id(job_input: Any, ids: set[str], columns: list[str]) -> dict[str, dict[str, Any]]:
     """{row id: {column: value}} for the rows of `ids`. A default id `<file>:<row>` names its row; with an
     id column, only that column is scanned, and then just the rows found are read."""
-    from pipeline.block import ID, ROW
-    from pipeline.sources import list_fragments, read_range, resolve_format
-
     spec = resolve_format(job_input)
     fragments = list_fragments(spec)
     where: dict[str, list[int]] = {}
@@ -415,8 +419,6 @@ def _bars(fields: dict[str, Any]) -> str:
 
 
 def _colour(key: Any) -> tuple[int, int, int]:
-    import zlib
-
     return _PALETTE[zlib.crc32(str(key).encode()) % len(_PALETTE)]
 
 
@@ -488,9 +490,6 @@ def _no_input() -> str:
 
 def _image(value: Any, storage_options: dict[str, Any] | None) -> Any:
     """The decoded image, or None (missing input or one the task could not read either)."""
-    from models.images import load_image
-    from models.registry import RowError
-
     if value is _MISSING or value is None:
         return None
     image = load_image(value, storage_options=storage_options)
@@ -527,8 +526,6 @@ def _detection(value: Any, objects: list[dict[str, Any]], storage_options: dict[
 
 
 def _segmentation(value: Any, segments: list[dict[str, Any]], storage_options: dict[str, Any] | None) -> str:
-    from models.masks import decode_mask
-
     image = _image(value, storage_options)
     legend = []
     base = np.asarray(image, dtype=np.float32) if image is not None else None
@@ -554,8 +551,6 @@ def _segmentation(value: Any, segments: list[dict[str, Any]], storage_options: d
 def _depth(value: Any, depth: Any, storage_options: dict[str, Any] | None) -> str:
     import matplotlib
 
-    from models.depth_estimation import decode_depth
-
     if not isinstance(depth, Mapping):
         return _no_input()
     arr = decode_depth(depth)
@@ -578,9 +573,6 @@ def _depth(value: Any, depth: Any, storage_options: dict[str, Any] | None) -> st
 
 
 def _audio(value: Any, storage_options: dict[str, Any] | None) -> str:
-    from models.audio import load_audio
-    from models.registry import RowError
-
     if value is _MISSING or value is None:
         return _no_input()
     samples = load_audio(value, rate=_AUDIO_RATE, max_duration_s=None, storage_options=storage_options)

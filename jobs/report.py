@@ -32,10 +32,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.evaluate import input_spec
 from jobs.html import Raw, bar_plot, esc, hist_plot, line_plot, page, svg_of, table
 from pipeline import metrics
 from pipeline.commit import ERRORS, OutputDir, read_errors
 from pipeline.errors import OutputError
+from pipeline.status import output_status
 
 __all__ = ["build_report", "write_report"]
 
@@ -60,8 +62,6 @@ def write_report(
 def build_report(output: str, *, storage_options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """(the report page, {state, plots}) for the shardwise output at `output`. Raises OutputError for a
     folder that is not one."""
-    from pipeline.status import output_status
-
     out = OutputDir(output, storage_options=storage_options)
     if not out.exists():
         raise OutputError(f"{output!r} does not exist; pass the output.uri of a shardwise job")
@@ -383,8 +383,6 @@ def _stage_columns(
 
 def _kept_names(manifest: dict[str, Any]) -> set[str]:
     """Output columns that hold input values, not predictions: the id and kept columns."""
-    from jobs.evaluate import input_spec
-
     spec = input_spec((manifest.get("spec") or {}).get("input") or {"uri": ""}, uri=None)
     kept = set(spec.kept_as().values())
     return kept | {spec.kept_as().get(spec.id_column, spec.id_column) if spec.id_column else "id"}

@@ -34,6 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from croniter import croniter
+
+from jobs.submit import connect, job_info, submit
+from pipeline.bind import load_job as load_spec
+from pipeline.commit import OutputDir
 from pipeline.errors import ShardwiseError, SpecError
 
 __all__ = [
@@ -56,8 +61,6 @@ _MAX_COUNTED_TICKS = 100_000
 
 
 def check_cron(cron: str) -> str:
-    from croniter import croniter
-
     if not croniter.is_valid(cron):
         raise SpecError(
             "--cron",
@@ -147,8 +150,6 @@ class Scheduler:
         return self._stopped.is_set()
 
     def _next(self, after: dt.datetime) -> dt.datetime:
-        from croniter import croniter
-
         return croniter(self.cron, after).get_next(dt.datetime)
 
     def _due(self, first: dt.datetime, now: dt.datetime) -> tuple[int, dt.datetime, dt.datetime, dt.datetime]:
@@ -221,9 +222,6 @@ class Scheduler:
 
 def _output_counts(spec_path: str, overrides: Sequence[str], since: float) -> tuple[int | None, int | None]:
     """rows ok/error from the output's manifest, if this run wrote it (a refused run writes none)."""
-    from pipeline.bind import load_job as load_spec
-    from pipeline.commit import OutputDir
-
     try:
         spec = load_spec(spec_path, overrides)
         manifest = OutputDir(spec.output.uri, storage_options=spec.output.storage_options).read_manifest()
@@ -276,8 +274,6 @@ class SubprocessRun:
         return cmd
 
     def __call__(self) -> RunSummary:
-        from pipeline.bind import load_job as load_spec
-
         started = time.time()
         try:
             load_spec(self.spec_path, self.overrides)  # a broken edit fails this run, not the schedule
@@ -343,8 +339,6 @@ class SubmitRun:
         self._stop = threading.Event()
 
     def __call__(self) -> RunSummary:
-        from jobs.submit import connect, job_info, submit
-
         started = time.time()
         try:
             job_id = submit(

@@ -28,6 +28,7 @@ explicit `--address` wins over the environment (Ray's own client lets the enviro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import os
@@ -353,8 +354,6 @@ def job_logs(
         write(client.call(client.ray.get_job_logs, submission_id))
         return job_info(client, submission_id)
     job_info(client, submission_id)  # a ClusterError naming the id beats a websocket error
-
-    import asyncio
 
     async def tail() -> None:
         async for chunk in client.ray.tail_job_logs(submission_id):

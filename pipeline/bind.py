@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from models.registry import check_inputs, get_task, input_kind
 from pipeline.block import prediction_column
 from pipeline.errors import SpecError
 from pipeline.spec import JobSpec, StageSpec, load_spec, spec_to_dict, stage_reference
@@ -90,8 +91,6 @@ class BoundStage:
     @property
     def task(self) -> Any:
         """The task object (a registry lookup: cheap, and the same object in every process)."""
-        from models.registry import get_task
-
         return get_task(self.task_name)
 
     @property
@@ -157,8 +156,6 @@ def _keep_columns(spec: JobSpec) -> dict[str, str]:
 
 
 def _bind_stage(stage: StageSpec, index: int, earlier: dict[str, BoundStage]) -> BoundStage:
-    from models.registry import check_inputs, get_task, input_kind
-
     key = f"stages[{index}]"
     try:
         task = get_task(stage.task)
@@ -246,8 +243,6 @@ def _carry(
 
 def bind(spec: JobSpec) -> BoundJob:
     """Check a parsed spec against its tasks and build the bound job (raises SpecError naming the key)."""
-    from models.registry import get_task
-
     bound: dict[str, BoundStage] = {}
     for i, stage in enumerate(spec.stages):
         bound[stage.name] = _bind_stage(stage, i, dict(bound))

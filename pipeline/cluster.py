@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
+import importlib.util
 import io
 import logging
 import os
 import re
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -44,6 +47,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from models.loading import cache_dir
 
 __all__ = ["init_ray", "quiet_console", "ray_log_file", "shutdown_embedded"]
 
@@ -163,8 +168,6 @@ def _start_watchdog(procs: list[Any]) -> Any:
     """A small process that outlives a SIGKILLed driver and then ends Ray's processes (see _watchdog.py).
     It holds the read end of a pipe whose only writer is this process, so this process's death, however it
     comes, is the end of its input."""
-    import subprocess
-
     psutil = _psutil()
     read_end, write_end = os.pipe()  # not inherited by other children (PEP 446)
     try:
@@ -192,8 +195,6 @@ def _start_watchdog(procs: list[Any]) -> Any:
 
 def _psutil() -> Any:
     """psutil as Ray ships it (ray/thirdparty_files joins sys.path when ray is imported)."""
-    import importlib
-
     importlib.import_module("ray")
     return importlib.import_module("psutil")
 
@@ -308,8 +309,6 @@ def quiet_console(*, log_dir: Path | None = None) -> Path | None:
     if sys.stderr is not sys.__stderr__:
         return None
     if log_dir is None:
-        from models.loading import cache_dir
-
         log_dir = cache_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     # Only shardwise's own log names: a cache pointed at a user's folder keeps the user's own *.log files.
@@ -338,8 +337,6 @@ def quiet_console(*, log_dir: Path | None = None) -> Path | None:
 
 def _route_warnings(path: Path) -> None:
     """Python warnings raised inside Ray's own modules go to the log file; all others as before."""
-    import importlib.util
-
     spec = importlib.util.find_spec("ray")  # finds the package without importing it
     roots = tuple(str(Path(p)) + os.sep for p in (spec.submodule_search_locations or [])) if spec else ()
     show = warnings.showwarning

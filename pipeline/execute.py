@@ -21,6 +21,10 @@ from typing import Any
 
 import pyarrow as pa
 
+import pipeline.errors as errors
+from models import loading
+from models.loading import model_identity
+from pipeline import __version__
 from pipeline.bind import BoundJob, bind
 from pipeline.cluster import init_ray
 from pipeline.commit import OUTPUT_FORMAT, READ_STAGE, Ledger, OutputDir, ShardRecord
@@ -35,7 +39,7 @@ from pipeline.errors import (
 from pipeline.graph import GraphJob, build_dataset, embedded_cpus, min_cpus
 from pipeline.lease import Lease
 from pipeline.locations import check_output_location
-from pipeline.metrics import RunMetrics
+from pipeline.metrics import RunMetrics, unit_of
 from pipeline.metrics import enabled as metrics_enabled
 from pipeline.plan import Shard, fingerprint, plan_shards
 from pipeline.redact import redact, scrub, secret_values
@@ -166,8 +170,6 @@ class Prepared:
 
 
 def check_model(model: str, *, revision: str | None, key: str) -> None:
-    from models import loading
-
     check = getattr(loading, "check_model", None)
     try:
         if check is not None:
@@ -215,8 +217,6 @@ def _plan_job(
     incremental: bool = False,
     allow_no_rows: bool = False,
 ) -> Prepared:
-    from models.loading import model_identity
-
     spec = job.spec
     if fragments:
         _check_columns(job, input_schema(spec.input, fragments[0]))
@@ -287,8 +287,6 @@ def _manifest(
 ) -> dict[str, Any]:
     """The driver's summary of the job. Its size does not grow with the shard count: per-shard state lives
     in `_shards/` (commit records)."""
-    from pipeline import __version__
-
     spec = prep.spec
     rows_in = ledger.rows_in
     return {
@@ -341,8 +339,6 @@ def _remote_cause(text: str) -> tuple[str, str] | None:
 
 def _root_cause(exc: BaseException) -> BaseException:
     """The innermost ShardwiseError (or the original user-code exception) inside Ray's wrappers."""
-    import pipeline.errors as errors
-
     seen = set()
     current: BaseException | None = exc
     best: BaseException = exc
@@ -678,8 +674,6 @@ def _run_locked(
 
 def _metrics_run(prep: Prepared, run_id: str, started: float, shards_todo: int) -> dict[str, Any]:
     """run.json of the run's metrics (pipeline.metrics): the job and its stages as this run plans them."""
-    from pipeline.metrics import unit_of
-
     return {
         "run_id": run_id,
         "name": prep.spec.name,

@@ -37,6 +37,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from models.loading import resolve_model
+from models.registry import RowError
 from pipeline.bind import BoundJob, BoundStage
 from pipeline.block import (
     ERR_MSG,
@@ -58,6 +60,7 @@ from pipeline.commit import READ_STAGE, OutputDir, error_schema
 from pipeline.errors import JobFailed
 from pipeline.metrics import MetricsContext, Recorder
 from pipeline.plan import Shard
+from pipeline.replica import Replica
 from pipeline.sources import read_shard
 from pipeline.tensors import decode_tensors, encode_tensors
 
@@ -130,8 +133,6 @@ _LOADED_MAX = 8
 
 def _loaded(role: str, stage: BoundStage) -> Any:
     """The stage's preprocessor or postprocessor, loaded once per worker process."""
-    from models.loading import resolve_model
-
     key = (role, stage.key)
     if key not in _LOADED:
         if len(_LOADED) >= _LOADED_MAX:
@@ -146,8 +147,6 @@ def _isolate(
     fn: Callable[[dict[str, list[Any]]], list[Any]], columns: dict[str, list[Any]], n: int
 ) -> list[Any]:
     """Run a batched row function; if the batch raises, rerun row by row so one bad row costs only itself."""
-    from models.registry import RowError
-
     try:
         out = fn(columns)
         if len(out) != n:
@@ -206,8 +205,6 @@ def read_block(batch: pa.Table, job: BoundJob) -> pa.Table:
 
 def preprocess(table: pa.Table, job: BoundJob, stage: BoundStage) -> pa.Table:
     """The stage's CPU preprocess over the rows not in error; appends its feature columns."""
-    from models.registry import RowError
-
     ok = ok_rows(table)
     n = table.num_rows
     index = pa.array(ok, pa.int64())  # typed: an empty list would be a null-typed index array
@@ -386,8 +383,6 @@ def _named(name: str) -> Callable[..., pa.Table]:
 
 def _replica_class(stage: BoundStage) -> type:
     """The Replica class under the stage's name, so each pool is told apart in stats and process titles."""
-    from pipeline.replica import Replica
-
     return type(f"Replica[{stage.name}]", (Replica,), {"__module__": Replica.__module__})
 
 

@@ -62,7 +62,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.block import ERR_STEP, ERR_TYPE, SHARD
-from pipeline.commit import OutputDir
+from pipeline.commit import OutputDir, parquet_bytes
 
 __all__ = [
     "ENV",
@@ -473,8 +473,6 @@ class RunMetrics:
                 log.warning("could not write job metrics: %s", e)
 
     def _flush(self) -> None:
-        from pipeline.commit import parquet_bytes
-
         self._last_flush = time.monotonic()
         if not self._pending and not self._samples:
             return

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline import __version__
 from pipeline.redact import fingerprint_view, options_digest
 from pipeline.sources import Fragment
 from pipeline.spec import JobSpec, spec_to_dict
@@ -165,8 +166,6 @@ def fingerprint(
 
     `with_files=False` leaves the input listing out: what is computed, not over which files (incremental
     jobs keep their files in the manifest and add new ones run by run)."""
-    from pipeline import __version__
-
     spec = job.spec
     parts = {
         "shardwise": __version__,

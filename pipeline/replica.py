@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from models.loading import resolve_model
 from pipeline.batching import run_micro_batches
 from pipeline.bind import BoundStage
 from pipeline.block import FEATURE, OUTPUT, SHARD, ok_rows, set_errors
@@ -53,8 +54,6 @@ class Replica:
         self, *, stage: BoundStage, threads: int | None, metrics: MetricsContext | None = None
     ) -> None:
         import torch
-
-        from models.loading import resolve_model
 
         self.stage = stage
         task = stage.task

@@ -14,10 +14,13 @@ set and becomes an error record downstream.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import posixpath
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +28,7 @@ import pyarrow as pa
 
 from pipeline.block import ID, READ_ERROR, ROW
 from pipeline.errors import SourceError, SpecError
-from pipeline.spec import FORMATS, InputSpec
+from pipeline.spec import FORMATS, InputSpec, format_from_uri
 
 __all__ = [
     "FileEntry",
@@ -486,8 +489,6 @@ def read_shard(
 def resolve_format(spec: InputSpec) -> InputSpec:
     """`spec` with `format` set: from the key, the URI's suffix, or else the files in the folder it names
     (a folder of `*.parquet` files is parquet; a `datasets` folder with state.json is hf)."""
-    from pipeline.spec import format_from_uri
-
     if spec.format is not None:
         return spec
     try:
@@ -530,9 +531,6 @@ def resolve_format(spec: InputSpec) -> InputSpec:
 def content_hashes(spec: InputSpec, fragments: Sequence[Fragment]) -> dict[str, str]:
     """sha256 of every input file (`--verify-input`): catches files edited in place with the same size and
     mtime, which the listing (size, mtime/etag) cannot see. Reads the whole input once, in parallel."""
-    import hashlib
-    from concurrent.futures import ThreadPoolExecutor
-
     fs, _ = _fs(spec)
 
     def digest(fragment: Fragment) -> str:
@@ -570,8 +568,6 @@ def _jsonl_lines(f: Any, max_row_bytes: int, *, offset: int = 0) -> Any:
     dropped as they come, so no more than `max_row_bytes` of one line is ever held. fsspec's remote files
     have no `readline(limit)`; a BufferedReader over them (or over a local or compressed file) has, in C.
     """
-    import io
-
     reader = io.BufferedReader(f, buffer_size=_LINE_BLOCK)  # type: ignore[arg-type]
     while line := reader.readline(max_row_bytes + 1):  # + 1: the newline
         size = len(line)
