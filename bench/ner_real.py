@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -223,9 +224,6 @@ def main(argv: list[str] | None = None) -> int:
         for i in test.column("id").to_pylist()
     ]
     scores = entity_f1(truth, predicted)
-
-    import os
-
     payload = {
         "machine": machine_info(device="cpu", torch_threads=os.cpu_count() or 1),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -252,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, s in scores["per_type"].items():
         print(
             f"  {label:<12} F1={s['f1']:.3f} P={s['precision']:.3f} R={s['recall']:.3f} support={s['support']}"
+        )
+    for r in history:  # the fine-tune's own per-epoch task metric: seqeval on the held-out 10% (spaCy's tags)
+        print(
+            f"  epoch {r['epoch']}: eval seqeval entity F1={r.get('eval_entity_f1')} "
+            f"P={r.get('eval_entity_precision')} R={r.get('eval_entity_recall')} token acc={r.get('eval_accuracy')}"
         )
     print(f"train: {json.dumps(history)}")
     print(f"timings: {payload['timings_s']}  → {path}")
