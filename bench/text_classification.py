@@ -277,7 +277,7 @@ def run_benchmark(
     (payload, path). Uses the embedded Ray cluster already initialized, else starts one and stops it."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from models.text_classification import effective_max_length
+    from models.text import effective_max_length
 
     texts = list(texts)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -50,6 +50,7 @@ __all__ = [
     "load_audios",
     "load_for_model",
     "load_for_training",
+    "training_features",
     "min_input_samples",
     "pack_chunks",
     "stack_chunks",
@@ -282,6 +283,22 @@ def load_for_training(values: Sequence[Any], **kwargs: Any) -> list[np.ndarray]:
             )
         out.append(audio)
     return out
+
+
+def training_features(
+    values: Sequence[Any], *, feature_extractor: Any, config: Any, max_duration_s: float, storage_options: Any
+) -> dict[str, Any]:
+    """A training batch's clips (`load_for_training`) → the extractor's padded batch: `input_values` or
+    `input_features` (B, ...) (+ `attention_mask` where the model takes one), torch tensors."""
+    audios = load_for_training(
+        values,
+        feature_extractor=feature_extractor,
+        config=config,
+        max_duration_s=max_duration_s,
+        storage_options=storage_options,
+    )
+    fe = feature_extractor
+    return dict(fe(audios, sampling_rate=fe.sampling_rate, padding=True, return_tensors="pt"))
 
 
 # --- features ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from models.audio import (
     load_for_model,
     pack_chunks,
     stack_chunks,
+    training_features,
 )
 from models.classification import FunctionToApply
 from models.loading import load_pretrained
@@ -213,66 +214,29 @@ class AudioClassification:
 # (same loader, the extractor pads the batch), a standard HF folder with the feature extractor.
 
 
-class AudioClassificationTrainable:
+class AudioClassificationTrainable(classification.ClassifierTrainable):
     """Training-side view of audio-classification; built inside each Ray Train worker."""
+
+    auto_class = "AutoModelForAudioClassification"
 
     def __init__(self, base_dir: str, *, label_names: tuple[str, ...], options: AudioTrainingOptions) -> None:
         from transformers import AutoConfig
 
         self.label_names = label_names
         self.options = options
-        self.fe = load_feature_extractor(base_dir)
+        self.fe = self.preprocessor = load_feature_extractor(base_dir)
         self.config = AutoConfig.from_pretrained(base_dir)
-
-    def build_model(self, weights_dir: str) -> Any:
-        """The base model (or a checkpoint of this job) with `len(label_names)` outputs named after them;
-        a base without a classification head (a CTC model, a bare encoder) gets a fresh one."""
-        from transformers import AutoModelForAudioClassification
-
-        return AutoModelForAudioClassification.from_pretrained(
-            weights_dir,
-            num_labels=len(self.label_names),
-            id2label=dict(enumerate(self.label_names)),
-            label2id={name: i for i, name in enumerate(self.label_names)},
-            problem_type="single_label_classification",
-            ignore_mismatched_sizes=True,
-            use_safetensors=True,
-        )
 
     def encode(self, columns: Mapping[str, list[Any]], labels: list[int]) -> dict[str, Any]:
         """Clips → the extractor's padded batch (+ its attention mask where the model takes one)."""
         import torch
 
-        from models.audio import load_for_training
-
-        audios = load_for_training(
+        batch = training_features(
             columns["audio"],
             feature_extractor=self.fe,
             config=self.config,
             max_duration_s=self.options.max_duration_s,
             storage_options=self.options.storage_options,
-        )
-        batch = dict(
-            self.fe(audios, sampling_rate=self.fe.sampling_rate, padding=True, return_tensors="pt")
         )  # input_values (B, T) (+ attention_mask (B, T))
         batch["labels"] = torch.as_tensor(labels, dtype=torch.long)  # (B,)
         return batch
-
-    # Task metrics per epoch (pipeline.train.loop): macro-F1 over the eval rows picks the best epoch.
-    eval_score = ("eval_macro_f1", "max")
-
-    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
-        """({"label": predicted class}, true class) per eval row: the argmax of the logits."""
-        names = self.label_names
-        predicted, true = output.logits.argmax(-1).tolist(), batch["labels"].tolist()  # (B,), (B,)
-        return [({"label": names[p]}, names[t]) for p, t in zip(predicted, true, strict=True)]
-
-    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
-        from models.metrics import classification_metrics, epoch_metrics
-
-        return epoch_metrics(classification_metrics, pairs, {"macro_f1": "eval_macro_f1"})
-
-    def save(self, model: Any, out_dir: str) -> None:
-        """A folder that `kind: inference` (and `pipeline("audio-classification")`) loads."""
-        model.save_pretrained(out_dir)
-        self.fe.save_pretrained(out_dir)

@@ -46,8 +46,10 @@ from models.audio import (
     load_for_model,
     pack_chunks,
     stack_chunks,
+    training_features,
 )
 from models.loading import load_pretrained
+from models.metrics import asr_metrics, epoch_metrics
 from models.registry import RowError, parse_params_dataclass, register_task
 from pipeline.errors import ModelError, SpecError
 
@@ -469,8 +471,6 @@ class CTCTrainable:
 
         self.config = AutoConfig.from_pretrained(base_dir)
         if speech_model_type(self.config) != "ctc":
-            from pipeline.errors import ModelError
-
             raise ModelError(
                 f"fine-tuning speech recognition supports CTC models (Wav2Vec2, HuBERT, ...); {base_dir!r} is a "
                 f"{self.config.model_type!r} seq2seq model, which shardwise runs for inference only"
@@ -505,17 +505,12 @@ class CTCTrainable:
         """Clips → the extractor's padded batch; transcripts → character ids padded with -100 (ignored)."""
         import torch
 
-        from models.audio import load_for_training
-
-        audios = load_for_training(
+        batch = training_features(
             columns["audio"],
             feature_extractor=self.fe,
             config=self.config,
             max_duration_s=self.options.max_duration_s,
             storage_options=self.options.storage_options,
-        )
-        batch = dict(
-            self.fe(audios, sampling_rate=self.fe.sampling_rate, padding=True, return_tensors="pt")
         )  # input_values (B, T) (+ attention_mask (B, T) where the model takes one)
         texts = [normalize_transcript(t, lowercase=self.options.lowercase) for t in labels]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -546,8 +541,6 @@ class CTCTrainable:
         ]
 
     def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
-        from models.metrics import asr_metrics, epoch_metrics
-
         return epoch_metrics(asr_metrics, pairs, {"wer": "eval_wer", "cer": "eval_cer"})
 
     def eval_counts(self, output: Any, batch: Mapping[str, Any]) -> tuple[float, float]:

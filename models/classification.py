@@ -14,14 +14,17 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from models.metrics import classification_metrics, epoch_metrics
 from pipeline.errors import SpecError
 
 __all__ = [
     "SCORE",
+    "ClassifierTrainable",
     "FunctionToApply",
     "LabelPostprocessor",
     "check_top_k",
     "function_name",
+    "label_maps",
     "label_row",
     "logits_row",
     "output_schema",
@@ -82,3 +85,59 @@ class LabelPostprocessor:
         self, output: Mapping[str, Any], *, inputs: Mapping[str, Any], features: Mapping[str, Any]
     ) -> dict[str, Any]:
         return label_row(self._scores(self._pipe, logits_row(output)), self.top_k)
+
+
+# --- fine-tuning ------------------------------------------------------------------------------------------
+
+
+def label_maps(label_names: Sequence[str]) -> dict[str, Any]:
+    """`from_pretrained` keywords that size a head to the job's labels and name its outputs after them."""
+    return {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+    }
+
+
+class ClassifierTrainable:
+    """The fine-tuning side that the text, image and audio classifiers share (one class per row): a head
+    sized to the job's labels, macro-F1 per epoch, a folder saved with its preprocessor. A subclass names
+    its `auto_class` (a transformers Auto class), sets `label_names` and `preprocessor` (the tokenizer,
+    image processor or feature extractor) in `__init__`, and writes `encode`."""
+
+    auto_class: str
+    label_names: tuple[str, ...]
+    preprocessor: Any
+
+    def build_model(self, weights_dir: str) -> Any:
+        """The base model (or a checkpoint of this job) with `len(label_names)` outputs named after them."""
+        import transformers
+
+        return getattr(transformers, self.auto_class).from_pretrained(
+            weights_dir,
+            **label_maps(self.label_names),
+            # Cross-entropy over the labels, whatever the base config says (some bases are multi-label).
+            problem_type="single_label_classification",
+            # A base without this head (a bare encoder such as MiniLM, a CTC model) or with one of another
+            # size (ImageNet's 1000 classes) gets a fresh head; a head of the same size is fine-tuned.
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,
+        )
+
+    # Task metrics per epoch (pipeline.train.loop): macro-F1 over the eval rows picks the best epoch.
+    eval_score = ("eval_macro_f1", "max")
+
+    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
+        """({"label": predicted class}, true class) per eval row: the argmax of the logits."""
+        names = self.label_names
+        predicted, true = output.logits.argmax(-1).tolist(), batch["labels"].tolist()  # (B,), (B,)
+        return [({"label": names[p]}, names[t]) for p, t in zip(predicted, true, strict=True)]
+
+    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
+        return epoch_metrics(classification_metrics, pairs, {"macro_f1": "eval_macro_f1"})
+
+    def save(self, model: Any, out_dir: str) -> None:
+        """A folder that `kind: inference` and the task's `transformers.pipeline` load: weights, config and
+        the preprocessor's files."""
+        model.save_pretrained(out_dir)
+        self.preprocessor.save_pretrained(out_dir)

@@ -52,8 +52,10 @@ from models.images import (
     label_array,
     load_image_processor,
     model_outputs,
+    training_images,
 )
-from models.registry import RowError, parse_params_dataclass, register_task
+from models.metrics import depth_metrics, epoch_metrics
+from models.registry import parse_params_dataclass, register_task
 from pipeline.errors import ModelError, SpecError
 
 __all__ = [
@@ -272,8 +274,6 @@ class DepthTrainable:
         from PIL import Image
         from transformers import AutoModelForDepthEstimation
 
-        from pipeline.errors import ModelError
-
         model = AutoModelForDepthEstimation.from_pretrained(weights_dir, use_safetensors=True)
         # One tiny forward with labels: transformers' depth classes either compute a loss or raise.
         probe = self.processor(images=[Image.new("RGB", (64, 64), (128, 128, 128))], return_tensors="pt")
@@ -290,33 +290,16 @@ class DepthTrainable:
 
     def encode(self, columns: Mapping[str, list[Any]], labels: list[Any]) -> dict[str, Any]:
         """Rows → {pixel_values (B, C, H, W), labels (B, H, W) float32 depth}."""
-        import logging
-
         import torch
         import torch.nn.functional as F
         from PIL import Image
 
-        from models.images import load_images
-
         opts = self.options
-        images = load_images(
+        keep, images = training_images(
             columns["image"], max_pixels=opts.max_pixels, storage_options=opts.storage_options
         )
-        keep = [i for i, image in enumerate(images) if not isinstance(image, RowError)]
-        if len(keep) < len(images):
-            bad = next(image for image in images if isinstance(image, RowError))
-            logging.getLogger(__name__).warning(
-                "dropped %d of %d training images that do not decode (e.g. %s: %s)",
-                len(images) - len(keep),
-                len(images),
-                bad.error_type,
-                bad.message,
-            )
-        if not keep:
-            raise ValueError(f"no image of this batch of {len(images)} decodes; e.g. {images[0]}")
         kept, depths = [], []
-        for i in keep:
-            image = images[i]
+        for i, image in zip(keep, images, strict=True):
             try:
                 depth = depth_map(labels[i], storage_options=opts.storage_options) * np.float32(
                     opts.depth_scale
@@ -369,8 +352,6 @@ class DepthTrainable:
         ]
 
     def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
-        from models.metrics import depth_metrics, epoch_metrics
-
         keys = {"delta1": "eval_delta1", "abs_rel": "eval_abs_rel", "rmse": "eval_rmse"}
         return epoch_metrics(depth_metrics, pairs, keys)
 

@@ -30,8 +30,9 @@ from models.images import (
     ShapeGroupedRunner,
     check_max_pixels,
     load_image_processor,
+    training_images,
 )
-from models.registry import RowError, parse_params_dataclass, register_task
+from models.registry import parse_params_dataclass, register_task
 
 __all__ = [
     "ImageClassification",
@@ -132,79 +133,31 @@ class ImageClassification:
 # --- fine-tuning ------------------------------------------------------------------------------------------
 
 
-class ImageClassificationTrainable:
+class ImageClassificationTrainable(classification.ClassifierTrainable):
     """Training-side view of image-classification; built inside each Ray Train worker.
 
     `encode` decodes the batch's images with the same loader as inference and runs the image processor
     (float output, rescaled and normalised: training batches stay on the worker). A row whose image does
     not decode is dropped from its batch with a warning; a batch with no decodable image is an error."""
 
+    auto_class = "AutoModelForImageClassification"
+
     def __init__(
         self, base_dir: str, *, label_names: tuple[str, ...], options: ImageTrainingOptions | None = None
     ) -> None:
         self.label_names = label_names
-        self.processor = load_image_processor(base_dir)
+        self.processor = self.preprocessor = load_image_processor(base_dir)
         self.options = options or ImageTrainingOptions()
-
-    def build_model(self, weights_dir: str) -> Any:
-        """The base model (or a checkpoint of this job) with `len(label_names)` outputs named after them."""
-        from transformers import AutoModelForImageClassification
-
-        return AutoModelForImageClassification.from_pretrained(
-            weights_dir,
-            num_labels=len(self.label_names),
-            id2label=dict(enumerate(self.label_names)),
-            label2id={name: i for i, name in enumerate(self.label_names)},
-            problem_type="single_label_classification",
-            # A head of another size (ImageNet's 1000 classes → the job's labels) starts fresh.
-            ignore_mismatched_sizes=True,
-            use_safetensors=True,
-        )
 
     def encode(self, columns: Mapping[str, list[Any]], labels: list[int]) -> dict[str, Any]:
         """Rows → {"pixel_values": (B, C, H, W) float, "labels": (B,)} for `model(**batch)`."""
-        import logging
-
         import torch
 
-        from models.images import load_images
-
-        images = load_images(
+        keep, images = training_images(
             columns["image"], max_pixels=self.options.max_pixels, storage_options=self.options.storage_options
         )
-        keep = [i for i, image in enumerate(images) if not isinstance(image, RowError)]
-        if len(keep) < len(images):
-            bad = next(image for image in images if isinstance(image, RowError))
-            logging.getLogger(__name__).warning(
-                "dropped %d of %d training images that do not decode (e.g. %s: %s)",
-                len(images) - len(keep),
-                len(images),
-                bad.error_type,
-                bad.message,
-            )
-        if not keep:
-            raise ValueError(f"no image of this batch of {len(images)} decodes; e.g. {images[0]}")
-        pixels = self.processor(images=[images[i] for i in keep], return_tensors="pt")["pixel_values"]
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return {
             "pixel_values": pixels,
             "labels": torch.as_tensor([labels[i] for i in keep], dtype=torch.long),
         }
-
-    # Task metrics per epoch (pipeline.train.loop): macro-F1 over the eval rows picks the best epoch.
-    eval_score = ("eval_macro_f1", "max")
-
-    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
-        """({"label": predicted class}, true class) per eval row: the argmax of the logits."""
-        names = self.label_names
-        predicted, true = output.logits.argmax(-1).tolist(), batch["labels"].tolist()  # (B,), (B,)
-        return [({"label": names[p]}, names[t]) for p, t in zip(predicted, true, strict=True)]
-
-    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
-        from models.metrics import classification_metrics, epoch_metrics
-
-        return epoch_metrics(classification_metrics, pairs, {"macro_f1": "eval_macro_f1"})
-
-    def save(self, model: Any, out_dir: str) -> None:
-        """A folder that `kind: inference` (and `pipeline("image-classification")`) loads."""
-        model.save_pretrained(out_dir)
-        self.processor.save_pretrained(out_dir)

@@ -36,6 +36,7 @@ processed size.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from models.classification import label_maps
 from models.images import (
     DEFAULT_MAX_PIXELS,
     ImagePreprocessor,
@@ -53,9 +55,11 @@ from models.images import (
     label_array,
     load_image_processor,
     model_outputs,
+    training_images,
 )
 from models.masks import RLE_TYPE, decode_mask, encode_mask
-from models.registry import RowError, parse_params_dataclass, register_task
+from models.metrics import IGNORE_INDEX, epoch_metrics, segmentation_metrics
+from models.registry import parse_params_dataclass, register_task
 from pipeline.errors import ModelError, SpecError
 
 __all__ = [
@@ -284,8 +288,6 @@ class SegmentationTrainable:
         label_names: tuple[str, ...],
         options: SegmentationTrainingOptions | None = None,
     ) -> None:
-        import inspect
-
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(base_dir)
@@ -301,12 +303,8 @@ class SegmentationTrainable:
     def build_model(self, weights_dir: str) -> Any:
         kwargs: dict[str, Any] = {}
         if self.label_names:
-            kwargs = {
-                "num_labels": len(self.label_names),
-                "id2label": dict(enumerate(self.label_names)),
-                "label2id": {name: i for i, name in enumerate(self.label_names)},
-                "ignore_mismatched_sizes": True,  # a class head of another size starts fresh
-            }
+            # A class head of another size starts fresh.
+            kwargs = {**label_maps(self.label_names), "ignore_mismatched_sizes": True}
         if not self.universal:
             kwargs["semantic_loss_ignore_index"] = self.options.ignore_index  # SegFormer/BEiT/DPT's CE loss
         return self.auto.from_pretrained(weights_dir, use_safetensors=True, **kwargs)
@@ -314,30 +312,13 @@ class SegmentationTrainable:
     def encode(self, columns: Mapping[str, list[Any]], labels: list[Any]) -> dict[str, Any]:
         """Rows → SegFormer: {pixel_values (B, C, H, W), labels (B, H, W)}; Mask2Former: {pixel_values,
         pixel_mask (B, H, W), mask_labels [(n_i, H, W)], class_labels [(n_i,)]}."""
-        import logging
-
-        from models.images import load_images
-
-        images = load_images(
+        keep, images = training_images(
             columns["image"], max_pixels=self.options.max_pixels, storage_options=self.options.storage_options
         )
-        keep = [i for i, image in enumerate(images) if not isinstance(image, RowError)]
-        if len(keep) < len(images):
-            bad = next(image for image in images if isinstance(image, RowError))
-            logging.getLogger(__name__).warning(
-                "dropped %d of %d training images that do not decode (e.g. %s: %s)",
-                len(images) - len(keep),
-                len(images),
-                bad.error_type,
-                bad.message,
-            )
-        if not keep:
-            raise ValueError(f"no image of this batch of {len(images)} decodes; e.g. {images[0]}")
         maps = []
-        for i in keep:
+        for i, image in zip(keep, images, strict=True):
             try:
                 cmap = class_map(labels[i], storage_options=self.options.storage_options)
-                image = images[i]
                 if cmap.shape != (image.height, image.width):
                     raise ValueError(
                         f"the mask is {cmap.shape[1]}x{cmap.shape[0]} but its image is "
@@ -355,12 +336,11 @@ class SegmentationTrainable:
             except ValueError as e:
                 raise ValueError(f"training row {i} of this batch: {e}") from e
             maps.append(cmap)
-        kept = [images[i] for i in keep]
         # Not model inputs: the class maps at their images' size, the references of eval_predictions.
         extras = {"_maps": maps}
         if self.universal:
             enc = self.processor(
-                images=kept,
+                images=images,
                 segmentation_maps=maps,
                 ignore_index=self.options.ignore_index,
                 return_tensors="pt",
@@ -372,7 +352,7 @@ class SegmentationTrainable:
                 "class_labels": list(enc["class_labels"]),
                 **extras,
             }
-        enc = self.processor(images=kept, segmentation_maps=maps, return_tensors="pt")
+        enc = self.processor(images=images, segmentation_maps=maps, return_tensors="pt")
         return {"pixel_values": enc["pixel_values"], "labels": enc["labels"].long(), **extras}
 
     # Task metrics per epoch (pipeline.train.loop): mean IoU over the classes picks the best epoch.
@@ -382,9 +362,6 @@ class SegmentationTrainable:
         """({"segments": [{label, mask (RLE)}]}, class-index map) per eval image: the image processor's
         `post_process_semantic_segmentation` at the map's size (SegFormer: upsampled logits' argmax;
         Mask2Former: its class-weighted masks), against the map with ignore_index as 255 (not scored)."""
-        from models.masks import encode_mask
-        from models.metrics import IGNORE_INDEX
-
         maps = batch["_maps"]
         found = self.processor.post_process_semantic_segmentation(
             output, target_sizes=[m.shape for m in maps]
@@ -399,8 +376,6 @@ class SegmentationTrainable:
         return pairs
 
     def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
-        from models.metrics import epoch_metrics, segmentation_metrics
-
         keys = {"mean_iou": "eval_mean_iou", "pixel_accuracy": "eval_pixel_accuracy"}
         return epoch_metrics(segmentation_metrics, pairs, keys)
 

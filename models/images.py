@@ -28,11 +28,12 @@ dtype says which it is, so the runner needs no flag.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -62,6 +63,7 @@ __all__ = [
     "pixels_to_tensor",
     "preprocess_images",
     "shape_groups",
+    "training_images",
 ]
 
 # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS): about 0.25 GB of RGB at 89.5 Mpx, far above
@@ -233,6 +235,28 @@ def load_images(
 ) -> list[PILImage.Image | RowError]:
     """`load_image` for each value (a column of the task's `image` input)."""
     return [load_image(v, max_pixels=max_pixels, storage_options=storage_options) for v in values]
+
+
+def training_images(
+    values: Sequence[Any], *, max_pixels: int, storage_options: Mapping[str, Any] | None
+) -> tuple[list[int], list[PILImage.Image]]:
+    """A fine-tuning batch's images that decode: (their positions in the batch, the images). A training
+    batch has no error records: rows whose image does not decode are dropped with one warning; a batch where
+    none decodes raises (the loop reports it as the worker's error)."""
+    images = load_images(values, max_pixels=max_pixels, storage_options=storage_options)
+    keep = [i for i, image in enumerate(images) if not isinstance(image, RowError)]
+    if len(keep) < len(images):
+        bad = next(image for image in images if isinstance(image, RowError))
+        logging.getLogger(__name__).warning(
+            "dropped %d of %d training images that do not decode (e.g. %s: %s)",
+            len(images) - len(keep),
+            len(images),
+            bad.error_type,
+            bad.message,
+        )
+    if not keep:
+        raise ValueError(f"no image of this batch of {len(images)} decodes; e.g. {images[0]}")
+    return keep, [cast("PILImage.Image", images[i]) for i in keep]
 
 
 def image_size(image: PILImage.Image) -> np.ndarray:

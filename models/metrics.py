@@ -30,6 +30,7 @@ import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from models.masks import decode_mask
 from pipeline.errors import ShardwiseError
 
 __all__ = [
@@ -521,8 +522,6 @@ def segmentation_metrics(
     import numpy as np
     import torch
     from torchmetrics.segmentation import MeanIoU
-
-    from models.masks import decode_mask
 
     preds, refs, counts = _pairs(predictions, references)
     classes: dict[str, int] = {}  # name → index; 0 is background

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from models.classification import label_maps
 from models.images import (
     DEFAULT_MAX_PIXELS,
     ImagePreprocessor,
@@ -30,8 +31,10 @@ from models.images import (
     check_max_pixels,
     load_image_processor,
     model_outputs,
+    training_images,
 )
-from models.registry import RowError, parse_params_dataclass, register_task
+from models.metrics import detection_metrics, epoch_metrics
+from models.registry import parse_params_dataclass, register_task
 from pipeline.errors import SpecError
 
 __all__ = [
@@ -203,42 +206,22 @@ class ObjectDetectionTrainable:
 
         kwargs: dict[str, Any] = {}
         if self.label_names:
-            kwargs = {
-                "num_labels": len(self.label_names),
-                "id2label": dict(enumerate(self.label_names)),
-                "label2id": {name: i for i, name in enumerate(self.label_names)},
-                "ignore_mismatched_sizes": True,  # a class head of another size starts fresh
-            }
+            # A class head of another size starts fresh.
+            kwargs = {**label_maps(self.label_names), "ignore_mismatched_sizes": True}
         return AutoModelForObjectDetection.from_pretrained(weights_dir, use_safetensors=True, **kwargs)
 
     def encode(self, columns: Mapping[str, list[Any]], labels: list[Any]) -> dict[str, Any]:
         """Rows → {"pixel_values": (B, C, H, W), "pixel_mask": (B, H, W), "labels": [{class_labels, boxes}]}."""
-        import logging
-
-        from models.images import load_images
-
-        images = load_images(
+        keep, images = training_images(
             columns["image"], max_pixels=self.options.max_pixels, storage_options=self.options.storage_options
         )
-        keep = [i for i, image in enumerate(images) if not isinstance(image, RowError)]
-        if len(keep) < len(images):
-            bad = next(image for image in images if isinstance(image, RowError))
-            logging.getLogger(__name__).warning(
-                "dropped %d of %d training images that do not decode (e.g. %s: %s)",
-                len(images) - len(keep),
-                len(images),
-                bad.error_type,
-                bad.message,
-            )
-        if not keep:
-            raise ValueError(f"no image of this batch of {len(images)} decodes; e.g. {images[0]}")
         annotations = [coco_annotations(labels[i], image_id=i, num_labels=self.num_labels) for i in keep]
-        enc = self.processor(images=[images[i] for i in keep], annotations=annotations, return_tensors="pt")
+        enc = self.processor(images=images, annotations=annotations, return_tensors="pt")
         batch = {"pixel_values": enc["pixel_values"], "labels": list(enc["labels"])}
         if "pixel_mask" in enc:
             batch["pixel_mask"] = enc["pixel_mask"]
         # Not model inputs: each image's (height, width) and gold COCO objects, for eval_predictions.
-        batch["_sizes"] = [(images[i].height, images[i].width) for i in keep]
+        batch["_sizes"] = [(image.height, image.width) for image in images]
         batch["_objects"] = [a["annotations"] for a in annotations]
         return batch
 
@@ -271,8 +254,6 @@ class ObjectDetectionTrainable:
         return pairs
 
     def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
-        from models.metrics import detection_metrics, epoch_metrics
-
         return epoch_metrics(detection_metrics, pairs, {"map": "eval_map", "map_50": "eval_map_50"})
 
     def eval_counts(self, output: Any, batch: Mapping[str, Any]) -> tuple[float, float]:

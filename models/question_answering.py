@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from models.loading import load_pretrained
+from models.metrics import epoch_metrics, qa_metrics
 from models.registry import RowError, parse_params_dataclass, register_task
 from models.text import check_text, load_tokenizer, model_max_length, pad_token_id, pad_tokens
 from pipeline.errors import SpecError
@@ -476,8 +477,6 @@ class QuestionAnsweringTrainable:
         return pairs
 
     def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
-        from models.metrics import epoch_metrics, qa_metrics
-
         return epoch_metrics(qa_metrics, pairs, {"exact_match": "eval_exact_match", "f1": "eval_f1"})
 
     def eval_counts(self, output: Any, batch: Mapping[str, Any]) -> tuple[float, float]:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from models.loading import load_pretrained
+from models.metrics import epoch_metrics, rouge_metrics, translation_metrics
 from models.registry import RowError, parse_params_dataclass
 from models.text import clip_text, effective_max_length, pad_token_id, pad_tokens
 from models.text import load_tokenizer as _load_tokenizer  # the name the training code uses
@@ -365,8 +366,6 @@ class Seq2SeqTrainable:
 
     def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
         """ROUGE-1/2/L (rouge-score) for summarization; BLEU (sacrebleu, 0-100) and chrF for translation."""
-        from models.metrics import epoch_metrics, rouge_metrics, translation_metrics
-
         if self.task == "summarization":
             keys = {"rouge1": "eval_rouge1", "rouge2": "eval_rouge2", "rougeL": "eval_rougeL"}
             return epoch_metrics(rouge_metrics, pairs, keys)

@@ -36,7 +36,6 @@ __all__ = [
     "TextClassification",
     "TextClassificationParams",
     "TextClassificationTrainable",
-    "effective_max_length",  # re-exported from models.text: bench/text_classification.py imports it here
 ]
 
 
@@ -172,33 +171,18 @@ class TextClassification:
 # folder. The generic Ray Train loop lives in pipeline/train/loop.py and knows nothing about sequence classifiers.
 
 
-class TextClassificationTrainable:
+class TextClassificationTrainable(classification.ClassifierTrainable):
     """Training-side view of text-classification; built inside each Ray Train worker."""
+
+    auto_class = "AutoModelForSequenceClassification"
 
     def __init__(self, base_dir: str, *, label_names: tuple[str, ...], max_length: int) -> None:
         from transformers import AutoConfig
 
         self.label_names = label_names
-        self.tokenizer = load_tokenizer(base_dir)
+        self.tokenizer = self.preprocessor = load_tokenizer(base_dir)
         self.max_length = effective_max_length(
             self.tokenizer, AutoConfig.from_pretrained(base_dir), max_length
-        )
-
-    def build_model(self, weights_dir: str) -> Any:
-        """The base model (or a checkpoint of this job) with `len(label_names)` outputs named after them."""
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification.from_pretrained(
-            weights_dir,
-            num_labels=len(self.label_names),
-            id2label=dict(enumerate(self.label_names)),
-            label2id={name: i for i, name in enumerate(self.label_names)},
-            # Cross-entropy over the labels, whatever the base config says (some bases are multi-label).
-            problem_type="single_label_classification",
-            # A base with no head (an encoder such as MiniLM) or a head of another size gets a fresh head;
-            # a head of the same size is kept and fine-tuned.
-            ignore_mismatched_sizes=True,
-            use_safetensors=True,
         )
 
     def encode(self, columns: Mapping[str, list[Any]], labels: list[int]) -> dict[str, Any]:
@@ -216,22 +200,3 @@ class TextClassificationTrainable:
         batch = dict(enc)  # input_ids, attention_mask (+ token_type_ids): (B, T)
         batch["labels"] = torch.as_tensor(labels, dtype=torch.long)  # (B,)
         return batch
-
-    # Task metrics per epoch (pipeline.train.loop): macro-F1 over the eval rows picks the best epoch.
-    eval_score = ("eval_macro_f1", "max")
-
-    def eval_predictions(self, output: Any, batch: Mapping[str, Any], *, model: Any) -> list[tuple[Any, Any]]:
-        """({"label": predicted class}, true class) per eval row: the argmax of the logits."""
-        names = self.label_names
-        predicted, true = output.logits.argmax(-1).tolist(), batch["labels"].tolist()  # (B,), (B,)
-        return [({"label": names[p]}, names[t]) for p, t in zip(predicted, true, strict=True)]
-
-    def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
-        from models.metrics import classification_metrics, epoch_metrics
-
-        return epoch_metrics(classification_metrics, pairs, {"macro_f1": "eval_macro_f1"})
-
-    def save(self, model: Any, out_dir: str) -> None:
-        """A folder that `kind: inference` (and `from_pretrained`) loads: safetensors, config, tokenizer."""
-        model.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)

@@ -34,6 +34,7 @@ only if it lands within that distance of a token boundary.)
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -643,8 +644,6 @@ class CausalLMTrainable:
     def __init__(self, base_dir: str, *, max_length: int, options: Mapping[str, Any]) -> None:
         from transformers import AutoConfig
 
-        from models.text_classification import effective_max_length
-
         self.tokenizer = _load_tokenizer(base_dir)
         self.max_length = effective_max_length(
             self.tokenizer, AutoConfig.from_pretrained(base_dir), max_length
@@ -746,8 +745,6 @@ class CausalLMTrainable:
 
     def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
         """`eval_perplexity`: exp of the mean negative log-likelihood per target token over the eval set."""
-        import math
-
         tokens = sum(n for _, n in pairs)
         return {"eval_perplexity": math.exp(sum(nll for nll, _ in pairs) / tokens)} if tokens else {}
 

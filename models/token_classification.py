@@ -31,9 +31,18 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from models.classification import label_maps
 from models.loading import load_pretrained
+from models.metrics import tag_sequence_metrics
 from models.registry import RowError, parse_params_dataclass, register_task
-from models.text import clip_text, load_tokenizer, model_max_length, pad_token_id, pad_tokens
+from models.text import (
+    clip_text,
+    effective_max_length,
+    load_tokenizer,
+    model_max_length,
+    pad_token_id,
+    pad_tokens,
+)
 from pipeline.errors import SpecError
 
 __all__ = [
@@ -345,8 +354,6 @@ class TokenClassificationTrainable:
     ) -> None:
         from transformers import AutoConfig
 
-        from models.text_classification import effective_max_length
-
         self.label_names = tuple(label_names)
         self.tokenizer = _load_fast_tokenizer(base_dir)
         self.max_length = effective_max_length(
@@ -365,9 +372,7 @@ class TokenClassificationTrainable:
 
         return AutoModelForTokenClassification.from_pretrained(
             weights_dir,
-            num_labels=len(self.label_names),
-            id2label=dict(enumerate(self.label_names)),
-            label2id={name: i for i, name in enumerate(self.label_names)},
+            **label_maps(self.label_names),
             # An encoder without a head (MiniLM) or a head of another size gets a fresh head.
             ignore_mismatched_sizes=True,
             use_safetensors=True,
@@ -424,8 +429,6 @@ class TokenClassificationTrainable:
         ]
 
     def eval_metrics(self, pairs: list[tuple[Any, Any]]) -> dict[str, float]:
-        from models.metrics import tag_sequence_metrics
-
         m = tag_sequence_metrics([p for p, _ in pairs], [r for _, r in pairs])
         return {f"eval_entity_{k}": m[k] for k in ("precision", "recall", "f1")}
 
