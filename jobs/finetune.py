@@ -75,8 +75,8 @@ class FinetuneResult:
     train_rows: int
     eval_rows: int
     label_names: tuple[str, ...]
-    # One entry per epoch: {epoch, train_loss, eval_loss, eval_accuracy, the task's eval_<metric>s (see
-    # "Task metrics"), epoch_s, score}; eval_* are None (task metrics absent) when there is no eval set.
+    # One entry per epoch: {epoch, train_loss, eval_loss, eval_accuracy, the task's eval_<metric>s
+    # (pipeline.train.loop), epoch_s, score}; eval_* are None (task metrics absent) when there is no eval set.
     metrics: list[dict[str, Any]] = field(repr=False)
     wall_s: float
 
