@@ -79,7 +79,7 @@ class Source:
 class TrainingData:
     """What the driver holds of the training data: plans and small summaries, never rows."""
 
-    # Shard items (`_items`) of the training rows, in a seeded order, each with its train-row quota.
+    # Shard items (`_plan_items`) of the training rows, in a seeded order, each with its train-row quota.
     train: Any
     eval: Any  # shard items of the eval rows, or None (no eval set)
     label_names: tuple[str, ...]
@@ -111,7 +111,6 @@ def _eval_mask(ids: Sequence[str], *, seed: int, fraction: float) -> Any:
 
 def _read_item(item: Mapping[str, Any], source: Source) -> tuple[pa.Table, Any]:
     """One planned shard's rows (`read_shard`: the file must still be the planned one) and its eval mask."""
-
     shard = Shard.from_dict(json.loads(item["shard"]))
     table = read_shard(source.spec, shard.fragment, shard.start, shard.stop, columns=list(source.columns))
     if source.role == "split":
@@ -311,7 +310,6 @@ def _training_rows(
 
 def _lazy(ray: Any, items: list[dict[str, Any]], fn: Callable[..., pa.Table], **kwargs: Any) -> Any:
     """from_items(shard items, one block each) → map_batches(fn): reads run in Ray Data tasks."""
-
     from ray.data import DataContext
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -86,7 +86,7 @@ def quote_counts(counts: Mapping[Any, int]) -> str:
 
 
 def null_ids(column: pa.ChunkedArray | pa.Array, ids: pa.ChunkedArray | pa.Array) -> list[str]:
-
+    """The first `QUOTE` row ids whose value in `column` is null (for the error message)."""
     return ids.filter(pc.is_null(column)).slice(0, QUOTE).to_pylist()
 
 
@@ -228,7 +228,6 @@ class LabelTally:
 def label_ids(values: pa.ChunkedArray | pa.Array, mode: LabelMode, keys: Sequence[Any]) -> pa.Array:
     """Labels → ids (read tasks): the position of each label in `keys`; lists of labels → lists of ids;
     raw targets as they are. The streaming pass has checked that every label has a key."""
-
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     if mode == "raw":
         return values
@@ -287,7 +286,6 @@ def label_names_of(
 def class_weights(spec: JobSpec, data: TrainingData) -> tuple[float, ...] | None:
     """`train.class_weights: balanced`: n_rows / (n_classes × rows of the class), from the training labels
     (sklearn's "balanced"); a class with no training row gets weight 0 rather than a division by zero."""
-
     t = spec.train
     assert t is not None
     if t.class_weights is None:

@@ -155,7 +155,6 @@ def gathered_metrics(
     """Every worker's (prediction, reference) pairs → rank 0, which computes the task metrics
     (`eval_metrics`) once; the result is broadcast so that every rank holds the same record (early stopping
     must stop every rank at the same epoch). A set with nothing to score gives no task metrics (logged)."""
-
     if world > 1:
         import torch.distributed as dist
 
