@@ -2,10 +2,10 @@
 
 Data passing. Rows reach the workers as Ray datasets (`datasets={"train", "eval"}` +
 `get_dataset_shard`), not in `train_loop_config`: the config is pickled into every worker, the object
-store shares one copy per node; `streaming_split(equal=True)` gives equal step counts for DDP (pipeline.train.loop); the
-same code works across nodes; and the datasets are lazy reads, so the driver never holds the rows
-(pipeline.train.data). Only "train" is split; each worker iterates all of "eval" and keeps the
-rows with `row % world_size == rank`, so eval counts are exact (an equal split could drop rows).
+store shares one copy per node; `streaming_split(equal=True)` gives equal step counts for DDP
+(pipeline.train.loop); the same code works across nodes; and the datasets are lazy reads, so the driver
+never holds the rows (pipeline.train.data). Only "train" is split; each worker iterates all of "eval" and
+keeps the rows with `row % world_size == rank`, so eval counts are exact (an equal split could drop rows).
 
 Checkpoints go to `train.checkpoint_uri`, else `<output.uri>/_checkpoints`, under a run name that carries
 the run's fingerprint: a rerun with the same `RunConfig(name, storage_path)` restores the last checkpoint
