@@ -23,6 +23,7 @@ which is untested here.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import posixpath
@@ -74,10 +75,23 @@ def storage(uri: str, storage_options: dict[str, Any]) -> tuple[str, Any]:
     return root, PyFileSystem(FSSpecHandler(fs))
 
 
+# What Ray Train (V2) writes in a run's folder: `checkpoint_<time>` folders, its checkpoint manager's
+# snapshot, and a marker from its storage check.
+_RAY_TRAIN_NAMES = (".validate_storage_marker", "checkpoint_manager_snapshot.json", "checkpoint_*")
+
+
 def clear_checkpoints(run_dir: str, storage_options: dict[str, Any]) -> None:
-    """`overwrite`: remove this run's old checkpoints (which Ray Train would resume)."""
+    """`overwrite`: remove this run's old checkpoints (which Ray Train would resume). Only Ray Train's own
+    names are deleted; the folder itself goes only when nothing else is left in it (a file someone put
+    there stays, with its folder)."""
     fs, path = fsspec.core.url_to_fs(run_dir, **storage_options)
-    if fs.exists(path):
+    if not fs.isdir(path):
+        return
+    for entry in fs.ls(path, detail=False):
+        name = posixpath.basename(entry.rstrip("/"))
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in _RAY_TRAIN_NAMES):
+            fs.rm(entry, recursive=True)
+    if not fs.ls(path, detail=False):
         fs.rm(path, recursive=True)
 
 

@@ -437,3 +437,17 @@ def test_training_options_are_checked_by_the_task(tmp_path: Path, base_model: Pa
     with pytest.raises(SpecError, match="takes no training options") as info:
         bind(spec)
     assert info.value.key == "train.options.packing"
+
+
+@pytest.mark.timeout(60)
+def test_class_weights_are_refused_for_a_task_without_named_classes(
+    tmp_path: Path, base_model: Path, data: dict[str, Path], monkeypatch
+) -> None:
+    """text-generation has no label classes: class_weights is a SpecError naming the key, before Ray."""
+    monkeypatch.setattr("jobs.finetune.init_ray", _no_ray)
+    spec = finetune_spec(tmp_path, base=base_model, train_uri=data["train"], class_weights="balanced")
+    stage = dataclasses.replace(spec.stages[0], task="text-generation")
+    with pytest.raises(SpecError) as info:
+        run_finetune(dataclasses.replace(spec, stages=(stage,)), progress=False)
+    assert info.value.key == "train.class_weights"
+    assert not (tmp_path / "model").exists()
